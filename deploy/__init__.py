@@ -1,0 +1,1 @@
+"""Deployment and operations: CLI, bootstrap, demo."""

@@ -1,0 +1,254 @@
+"""Chat completions: run a request on the engine, answer in OpenAI's shape (whole or as SSE
+chunks), and record the generation before the response completes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session
+
+from service.engine import PolicyEngine, Sampling, resolve_max_tokens
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    Usage,
+)
+from service.store import Generation, GenerationChoice, GroupCommitWriter
+
+logger = logging.getLogger(__name__)
+
+
+def conversation_hash(messages: list[dict[str, str]]) -> str:
+    canonical = json.dumps(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class _Run:
+    """One request in progress: what every choice has produced so far."""
+
+    id: str
+    created: float
+    messages: list[dict[str, str]]
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    api_key: str
+    stream: bool
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.sampling.n
+        self.texts, self.token_ids, self.finish = [""] * n, [[] for _ in range(n)], [None] * n
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    def usage(self) -> Usage:
+        p, c = len(self.prompt_token_ids), self.completion_tokens
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+class ChatService:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        writer: GroupCommitWriter,
+        metrics: Metrics,
+        default_max_tokens: int,
+    ):
+        self._engine = engine
+        self._writer = writer
+        self._metrics = metrics
+        self._default_max_tokens = default_max_tokens
+
+    def _start(self, req: ChatCompletionRequest, api_key: str) -> _Run:
+        messages = [m.model_dump() for m in req.messages]
+        prompt = self._engine.render_prompt(messages)
+        max_tokens = resolve_max_tokens(
+            self._engine, len(prompt), req.token_limit, self._default_max_tokens
+        )
+        sampling = Sampling(
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=max_tokens,
+            stop=tuple(req.stop_list),
+            seed=req.seed,
+        )
+        return _Run(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=time.time(),
+            messages=messages,
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            api_key=api_key,
+            stream=req.stream,
+        )
+
+    async def _steps(
+        self, run: _Run, version: str
+    ) -> AsyncIterator[list[tuple[int, str, str | None]]]:
+        """Drive the engine, accumulating into `run`; yields (index, new text, finish) per step."""
+        first = True
+        async for deltas in self._engine.generate(run.id, run.prompt_token_ids, run.sampling):
+            if first:
+                self._metrics.ttft.observe(time.time() - run.created)
+                first = False
+            for d in deltas:
+                run.texts[d.index] += d.text
+                run.token_ids[d.index].extend(d.token_ids)
+                run.finish[d.index] = d.finish_reason or run.finish[d.index]
+            yield [(d.index, d.text, d.finish_reason) for d in deltas]
+        self._metrics.tokens.labels("prompt", version).inc(len(run.prompt_token_ids))
+        self._metrics.tokens.labels("completion", version).inc(run.completion_tokens)
+
+    def _record_op(self, run: _Run, version: str):
+        def op(session: Session) -> None:
+            gen = Generation(
+                id=run.id,
+                api_key=run.api_key,
+                model=self._engine.model_name,
+                model_version=version,
+                conversation_hash=conversation_hash(run.messages),
+                messages=run.messages,
+                sampling=_sampling_record(run.sampling),
+                prompt_token_ids=run.prompt_token_ids,
+                stream=run.stream,
+                created_at=datetime.fromtimestamp(run.created, UTC),
+                completed_at=datetime.now(UTC),
+            )
+            session.add(gen)
+            session.add_all(
+                GenerationChoice(
+                    generation_id=run.id,
+                    index=i,
+                    text=run.texts[i],
+                    token_ids=run.token_ids[i],
+                    finish_reason=run.finish[i],
+                )
+                for i in range(run.sampling.n)
+            )
+
+        return op
+
+    async def complete(self, req: ChatCompletionRequest, api_key: str) -> ChatCompletion:
+        run = self._start(req, api_key)
+        version = self._engine.version
+        async for _ in self._steps(run, version):
+            pass
+        await self._writer.submit(self._record_op(run, version))
+        return ChatCompletion(
+            id=run.id,
+            created=int(run.created),
+            model=self._engine.model_name,
+            system_fingerprint=version,
+            usage=run.usage(),
+            choices=[
+                Choice(
+                    index=i,
+                    message=AssistantMessage(content=run.texts[i]),
+                    finish_reason=run.finish[i],
+                )
+                for i in range(run.sampling.n)
+            ],
+        )
+
+    def start_stream(self, req: ChatCompletionRequest, api_key: str) -> AsyncIterator[str]:
+        """Validates now (so errors are plain HTTP errors) and returns the SSE body generator."""
+        run = self._start(req, api_key)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return self._stream(run, self._engine.version, include_usage)
+
+    async def _stream(self, run: _Run, version: str, include_usage: bool) -> AsyncIterator[str]:
+        base = {
+            "id": run.id,
+            "object": "chat.completion.chunk",
+            "created": int(run.created),
+            "model": self._engine.model_name,
+            "system_fingerprint": version,
+        }
+
+        def chunk(choices: list[dict], usage: Usage | None = None) -> str:
+            body = {**base, "choices": choices}
+            if include_usage:
+                body["usage"] = usage.model_dump() if usage else None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        done = False
+        try:
+            yield chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for i in range(run.sampling.n)
+                ]
+            )
+            async for step in self._steps(run, version):
+                choices = [
+                    {
+                        "index": i,
+                        "delta": {"content": text} if text else {},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                    for i, text, finish in step
+                    if text or finish
+                ]
+                if choices:
+                    yield chunk(choices)
+            await self._writer.submit(self._record_op(run, version))
+            done = True
+            if include_usage:
+                yield chunk([], run.usage())
+            yield "data: [DONE]\n\n"
+        except ApiError as exc:
+            # Headers are gone already: report in-band, as OpenAI's streams do.
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        finally:
+            if not done:
+                # The client went away or the engine failed mid-stream: keep what was generated,
+                # marked aborted, without holding up the cancellation.
+                run.finish = [f or "abort" for f in run.finish]
+                task = asyncio.get_running_loop().create_task(
+                    self._writer.submit(self._record_op(run, version))
+                )
+                task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("recording an aborted stream failed: %s", task.exception())
+
+
+def _sampling_record(s: Sampling) -> dict:
+    return {
+        "n": s.n,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_tokens": s.max_tokens,
+        "stop": list(s.stop),
+        "seed": s.seed,
+    }

@@ -1,0 +1,161 @@
+"""The policy engine: what a replica generates with. `VllmEngine` wraps vLLM's `AsyncLLM`.
+
+The chat logic depends only on the `PolicyEngine` protocol, so it runs against a fake engine in the
+fast tests; vLLM is imported inside `VllmEngine` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.errors import EngineUnavailable, InvalidRequest
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New output of one choice since the previous step."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class PolicyEngine(Protocol):
+    model_name: str
+    version: str
+    max_model_len: int
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat template applied and tokenised."""
+        ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yields each step's deltas until every choice has a finish reason."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raises `EngineUnavailable` when the engine can no longer serve."""
+        ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+def resolve_max_tokens(
+    engine: PolicyEngine, prompt_len: int, requested: int | None, default: int
+) -> int:
+    """The completion budget, refusing prompts that leave no room (as OpenAI does)."""
+    room = engine.max_model_len - prompt_len
+    if room <= 0 or (requested is not None and requested > room):
+        raise InvalidRequest(
+            f"this model's context is {engine.max_model_len} tokens; the messages take {prompt_len}"
+            f" and {requested or 1} were requested for the completion",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return requested if requested is not None else min(default, room)
+
+
+class VllmEngine:
+    """One `AsyncLLM` in this process, started from the engine settings."""
+
+    def __init__(self, settings: Settings):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine.kv_cache_space_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = settings.engine
+        chunked = cfg.enable_chunked_prefill
+        if chunked is None:
+            chunked = not current_platform.is_cpu()
+        args = AsyncEngineArgs(
+            model=str(settings.resolved_model_path),
+            served_model_name=settings.served_model_name,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            enable_chunked_prefill=chunked,
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            disable_log_stats=True,
+        )
+        self._llm: Any = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+        self.model_name = settings.served_model_name
+        self.version = settings.model_version
+        self.max_model_len = cfg.max_model_len
+        self._in_flight = 0
+        logger.info("engine ready: %s (chunked prefill %s)", settings.resolved_model_path, chunked)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding-like mapping; older tokenizers a plain list.
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        self._in_flight += 1
+        try:
+            async for out in self._llm.generate(prompt, params, request_id=request_id):
+                yield [
+                    ChoiceDelta(o.index, o.text, list(o.token_ids), o.finish_reason)
+                    for o in out.outputs
+                ]
+        except (EngineDeadError, EngineGenerateError) as exc:
+            raise EngineUnavailable(f"the engine failed: {exc}", code="engine_error") from exc
+        finally:
+            self._in_flight -= 1
+
+    async def check_health(self) -> None:
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineUnavailable(f"engine is not healthy: {exc}", code="engine_dead") from exc
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,174 @@
+"""Wire models only: the OpenAI chat subset prefloop serves, feedback, export. No logic here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_CHOICES = 4
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's `POST /v1/chat/completions` body; unknown fields are ignored as OpenAI's are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.messages[-1].role == "assistant":
+            raise ValueError("messages: the last message must be from the user or the system")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop: at most 4 sequences")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "prefloop"
+    version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# Feedback -----------------------------------------------------------------------------------
+
+
+class AnswerRef(BaseModel):
+    """One answer: a choice of a stored response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str = Field(min_length=1, max_length=64)
+    choice_index: int = Field(default=0, ge=0, lt=MAX_CHOICES)
+
+
+class _FeedbackBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str | None = Field(default=None, max_length=256)
+    comment: str | None = Field(default=None, max_length=10_000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+class ThumbsFeedback(_FeedbackBase):
+    type: Literal["thumbs"]
+    response_id: str = Field(min_length=1, max_length=64)
+    choice_index: int = Field(default=0, ge=0, lt=MAX_CHOICES)
+    rating: Literal["up", "down"]
+    correction: str | None = Field(default=None, min_length=1, max_length=100_000)
+
+
+class PairwiseFeedback(_FeedbackBase):
+    """A vote between two answers, as in LMSYS Arena: `a`, `b`, `tie` or `both_bad`."""
+
+    type: Literal["pairwise"]
+    a: AnswerRef
+    b: AnswerRef
+    winner: Literal["a", "b", "tie", "both_bad"]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PairwiseFeedback:
+        if self.a == self.b:
+            raise ValueError("b: must name a different answer than a")
+        return self
+
+
+FeedbackEvent = Annotated[ThumbsFeedback | PairwiseFeedback, Field(discriminator="type")]
+
+
+class FeedbackBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[dict] = Field(min_length=1, max_length=1000)
+
+
+class FeedbackAck(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    created: int
+    replayed: bool = False
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    status: int
+    feedback: FeedbackAck | None = None
+    error: dict | None = None
+
+
+class FeedbackBatchResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchItemResult]
+
+
+ExportFormat = Literal["trl", "trl-kto", "openai-dpo"]

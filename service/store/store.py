@@ -1,0 +1,114 @@
+"""The store: SQLAlchemy engines for SQLite (WAL, the default) or PostgreSQL, migrations, and
+transactions that apply many writes at once (see `writer.py` for how requests share them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.store.schema import Feedback, Generation
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _sqlite_engine(url: str, *, begin: str) -> Engine:
+    """A SQLite engine in WAL mode whose commits are durable (synchronous=FULL).
+
+    pysqlite's own transaction handling breaks SAVEPOINT, so it is turned off and SQLAlchemy's
+    `begin` emits the BEGIN itself (the recipe in SQLAlchemy's SQLite dialect docs). The writer uses
+    BEGIN IMMEDIATE so that concurrent writers (several replicas on one file) queue on the lock
+    instead of failing a read-to-write upgrade.
+    """
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=FULL",
+            "foreign_keys=ON",
+            "busy_timeout=30000",
+        ):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine
+
+
+class Store:
+    """Owns the database connection pools; every method opens and closes its own transaction."""
+
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._write_engine = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
+            self._read_engine = _sqlite_engine(url, begin="BEGIN")
+        else:
+            self._write_engine = self._read_engine = create_engine(url, pool_pre_ping=True)
+        self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self._write_engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+
+    def close(self) -> None:
+        self._write_engine.dispose()
+        self._read_engine.dispose()
+
+    def write_batch(self, ops: Sequence[Callable[[Session], T]]) -> list[T | Exception]:
+        """Run `ops` in one transaction, each in its own savepoint, and commit once.
+
+        An op that raises is rolled back alone; its exception is returned in its place. Results
+        are returned only after the commit, so an acknowledged write is on disk.
+        """
+        results: list[T | Exception] = []
+        with self._writes.begin() as session:
+            for op in ops:
+                try:
+                    with session.begin_nested():
+                        results.append(op(session))
+                except Exception as exc:
+                    results.append(exc)
+        return results
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        with self._reads.begin() as session:
+            yield session
+
+    def get_generation(self, generation_id: str) -> Generation | None:
+        with self.reading() as session:
+            return session.get(Generation, generation_id)
+
+    def count(self, model: type[Generation] | type[Feedback]) -> int:
+        from sqlalchemy import func
+
+        with self.reading() as session:
+            return session.scalar(select(func.count()).select_from(model)) or 0

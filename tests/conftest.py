@@ -1,0 +1,74 @@
+"""Shared fixtures: stores on SQLite and PostgreSQL, and the API over a fake engine."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from service.app import build_app
+from service.auth import Authenticator
+from service.settings import ApiKey
+from service.store import Store
+from tests.fakes import FakeEngine
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+CHAT_KEY = "sk-chat-0123456789abcdef"
+OTHER_KEY = "sk-other-0123456789abcdef"
+ADMIN_KEY = "sk-admin-0123456789abcdef"
+READONLY_KEY = "sk-feedback-only-0123456789"
+KEYS = [
+    ApiKey(key=CHAT_KEY, name="app", scopes=["chat", "feedback"]),
+    ApiKey(key=OTHER_KEY, name="other-app", scopes=["chat", "feedback"]),
+    ApiKey(key=ADMIN_KEY, name="ops", scopes=["admin"]),
+    ApiKey(key=READONLY_KEY, name="voter", scopes=["feedback"]),
+]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"prefloop_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'prefloop.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    s = Store(url)
+    s.upgrade()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def client(engine: FakeEngine, store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(engine, store, Authenticator(KEYS))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        c.headers.update(auth(CHAT_KEY))
+        yield c

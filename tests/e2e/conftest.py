@@ -1,0 +1,77 @@
+"""The real service for end-to-end tests: one Ray Serve deployment per test module.
+
+Each start costs about 40 s (Ray, Serve, then the vLLM engine loading the embedded model), so the
+`service` fixture is module-scoped and every test in a module shares it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from service.settings import EngineSettings, Settings
+from service.store import Store
+from tests.conftest import KEYS
+
+READY_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Service:
+    settings: Settings
+    store: Store
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/readyz", timeout=10)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(1)
+    raise TimeoutError(f"{base_url}/readyz not ready after {timeout_s} s: {last}")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from deploy.bootstrap import ensure_embedded_model
+    from service import deployment
+
+    settings = Settings(
+        port=free_port(),
+        database_url=f"sqlite:///{tmp_path_factory.mktemp('e2e-db') / 'prefloop.db'}",
+        model_path=ensure_embedded_model(Settings().data_dir),
+        api_keys=KEYS,
+        health_check_period_s=1,
+        # A Ray cluster of our own, even if `ray start` left one running on this machine.
+        ray_address="local",
+        engine=EngineSettings(kv_cache_space_gib=1, max_num_seqs=32),
+    )
+    store = Store(settings.resolved_database_url)
+    try:
+        deployment.deploy(settings)
+        svc = Service(settings, store)
+        wait_ready(svc.base_url)
+        yield svc
+    finally:
+        store.close()
+        deployment.shutdown()

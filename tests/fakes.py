@@ -1,0 +1,80 @@
+"""A deterministic stand-in for the vLLM engine: same protocol, no model.
+
+Tokens are characters (token id = code point). Each choice answers with a fixed sentence that names
+the choice and echoes the last message, emitted a few characters per step, so streaming, `n`,
+`max_tokens`, `stop` and `seed` behave as they do on the real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+from service.engine import ChoiceDelta, Sampling
+from service.errors import EngineUnavailable
+
+
+class FakeEngine:
+    model_name = "prefloop"
+
+    def __init__(self, version: str = "base", max_model_len: int = 2048):
+        self.version = version
+        self.max_model_len = max_model_len
+        self.dead = False
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+        return [ord(c) for c in text]
+
+    @staticmethod
+    def answer(prompt: str, index: int, seed: int | None) -> str:
+        """The full text choice `index` would produce without a token limit or stop string."""
+        question = prompt.rsplit("<user>", 1)[-1].split("\n", 1)[0]
+        salt = random.Random(seed).randint(0, 9999) if seed is not None else index
+        return f"Answer {index} (variant {salt}): you asked '{question}'. Done."
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        if self.dead:
+            raise EngineUnavailable("engine is dead", code="engine_dead")
+        prompt = "".join(chr(t) for t in prompt_token_ids)
+        plans = []
+        for i in range(sampling.n):
+            text, finish = self.answer(prompt, i, sampling.seed), "stop"
+            for stop in sampling.stop:
+                if stop in text:
+                    text = text[: text.index(stop)]
+            if sampling.max_tokens is not None and len(text) > sampling.max_tokens:
+                text, finish = text[: sampling.max_tokens], "length"
+            plans.append((text, finish))
+        self._in_flight += 1
+        try:
+            pos = 0
+            while any(pos < len(t) for t, _ in plans):
+                await asyncio.sleep(0)
+                step = []
+                for i, (text, finish) in enumerate(plans):
+                    piece = text[pos : pos + 4]
+                    if piece:
+                        done = pos + 4 >= len(text)
+                        step.append(
+                            ChoiceDelta(i, piece, [ord(c) for c in piece], finish if done else None)
+                        )
+                pos += 4
+                yield step
+        finally:
+            self._in_flight -= 1
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineUnavailable("engine is dead", code="engine_dead")
+
+    def shutdown(self) -> None:
+        self.dead = True

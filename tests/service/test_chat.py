@@ -1,0 +1,171 @@
+"""Chat completions over HTTP against the fake engine: OpenAI's shapes, validation, recording."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.store import Generation
+from tests.conftest import ADMIN_KEY, READONLY_KEY, auth
+from tests.fakes import FakeEngine
+
+QUESTION = [{"role": "user", "content": "How do I cancel my subscription?"}]
+
+
+def parse_sse(body: str) -> tuple[list[dict], bool]:
+    events, done = [], False
+    for block in body.strip().split("\n\n"):
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        if payload == "[DONE]":
+            done = True
+        else:
+            events.append(json.loads(payload))
+    return events, done
+
+
+async def test_completion_shape_and_record(client, store, engine):
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION, "n": 2, "seed": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["system_fingerprint"] == engine.version
+    prompt = "".join(chr(t) for t in engine.render_prompt(QUESTION))
+    texts = [c["message"]["content"] for c in body["choices"]]
+    assert texts == [FakeEngine.answer(prompt, i, 7) for i in range(2)]
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop", "stop"]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(prompt)
+    assert usage["completion_tokens"] == sum(len(t) for t in texts)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    gen = store.get_generation(body["id"])
+    assert gen is not None
+    assert gen.api_key == "app" and gen.model_version == "base" and gen.stream is False
+    assert gen.messages == QUESTION
+    assert gen.sampling["n"] == 2 and gen.sampling["seed"] == 7
+    assert [c.text for c in gen.choices] == texts
+    assert [c.token_ids for c in gen.choices] == [[ord(ch) for ch in t] for t in texts]
+    assert gen.created_at <= gen.completed_at
+
+
+async def test_token_limit_and_stop(client, store):
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": QUESTION, "max_completion_tokens": 10}
+    )
+    choice = r.json()["choices"][0]
+    assert len(choice["message"]["content"]) == 10 and choice["finish_reason"] == "length"
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION, "stop": ["(variant"]})
+    assert r.json()["choices"][0]["message"]["content"] == "Answer 0 "
+    assert store.get_generation(r.json()["id"]).sampling["stop"] == ["(variant"]
+
+
+async def test_stream_chunks_concatenate_to_stored_text(client, store):
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": QUESTION,
+            "n": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events, done = parse_sse(r.text)
+    assert done
+    ids = {e["id"] for e in events}
+    assert len(ids) == 1
+    texts, finishes = ["", ""], [None, None]
+    for e in events[:-1]:
+        assert e["object"] == "chat.completion.chunk" and e["usage"] is None
+        for c in e["choices"]:
+            texts[c["index"]] += c["delta"].get("content", "")
+            finishes[c["index"]] = c["finish_reason"] or finishes[c["index"]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert finishes == ["stop", "stop"]
+    usage = events[-1]
+    assert usage["choices"] == []
+    gen = store.get_generation(ids.pop())
+    assert gen.stream is True
+    assert [c.text for c in gen.choices] == texts
+    assert usage["usage"]["completion_tokens"] == sum(len(c.token_ids) for c in gen.choices)
+
+
+async def test_models_lists_served_version(client):
+    r = await client.get("/v1/models")
+    assert r.status_code == 200
+    assert r.json()["data"][0]["id"] == "prefloop"
+    assert r.json()["data"][0]["version"] == "base"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": QUESTION, "n": 5}, "n"),
+        ({"messages": QUESTION, "temperature": 2.5}, "temperature"),
+        ({"messages": QUESTION, "top_p": 0}, "top_p"),
+        ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ],
+)
+async def test_invalid_request_names_the_field(client, store, body, param):
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error" and param in err["message"]
+    assert store.count(Generation) == 0
+
+
+async def test_context_length_exceeded(client, store):
+    long = [{"role": "user", "content": "x" * 3000}]
+    r = await client.post("/v1/chat/completions", json={"messages": long})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 5000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert store.count(Generation) == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({"Authorization": ""}, 401, "missing_api_key"),
+        (auth("sk-not-a-real-key-000000"), 401, "invalid_api_key"),
+        (auth(READONLY_KEY), 403, "insufficient_scope"),
+    ],
+)
+async def test_auth_errors(client, store, headers, status, code):
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION}, headers=headers)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code
+    assert store.count(Generation) == 0
+
+
+async def test_admin_key_may_chat(client):
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": QUESTION}, headers=auth(ADMIN_KEY)
+    )
+    assert r.status_code == 200
+
+
+async def test_dead_engine_is_503_and_not_ready(client, engine, store):
+    engine.dead = True
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION})
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable_error"
+    assert (await client.get("/readyz")).status_code == 503
+    assert (await client.get("/healthz")).status_code == 200
+    assert store.count(Generation) == 0
+
+
+async def test_metrics_count_requests_and_tokens(client):
+    await client.post("/v1/chat/completions", json={"messages": QUESTION})
+    text = (await client.get("/metrics")).text
+    assert 'prefloop_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'prefloop_tokens_total{kind="completion",model_version="base"}' in text
+    assert "prefloop_engine_requests_in_flight 0.0" in text
