@@ -4,7 +4,6 @@
 tests with a fake engine).
 """
 
-
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager

@@ -26,7 +26,7 @@ class PolicyReplica:
     """One engine and the API in front of it. A dead engine fails `check_health`, and Serve
     replaces the replica."""
 
-    async def __init__(self, settings: Settings):
+    async def __init__(self, settings: Settings):  # type: ignore[misc] # Serve awaits it
         self._engine = VllmEngine(settings)
         self._store = Store(settings.resolved_database_url)
         self._app = build_app(
@@ -51,14 +51,13 @@ class PolicyReplica:
 
 def application(settings: Settings) -> serve.Application:
     deployment = serve.deployment(
-        PolicyReplica,
         name="policy",
         num_replicas=settings.replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=max(10.0, settings.health_check_period_s * 2),
         ray_actor_options={"num_cpus": settings.replica_num_cpus},
-    )
+    )(PolicyReplica)
     return deployment.bind(settings)
 
 

@@ -104,7 +104,7 @@ class VllmEngine:
             disable_log_stats=True,
         )
         self._llm: Any = AsyncLLM.from_engine_args(args)
-        self._tokenizer = self._llm.get_tokenizer()
+        self._tokenizer: Any = self._llm.get_tokenizer()
         self.model_name = settings.served_model_name
         self.version = settings.model_version
         self.max_model_len = cfg.max_model_len

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from pydantic_core import ErrorDetails
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,7 +83,7 @@ def param_from_loc(loc: tuple | list) -> str | None:
     return ".".join(str(p) for p in loc if p not in _NOT_FIELDS) or None
 
 
-def unprocessable(err: dict, prefix: str = "") -> Unprocessable:
+def unprocessable(err: ErrorDetails, prefix: str = "") -> Unprocessable:
     """One pydantic error as a 422 naming the field."""
     param = param_from_loc(err.get("loc", ()))
     param = f"{prefix}{param}" if param else prefix.rstrip(".") or None

@@ -126,7 +126,7 @@ def store_op(principal: Principal, event: Event):
                 event.rating,
                 event.correction,
             )
-            value = event.rating
+            value: str = event.rating
         else:
             a = _answer(session, principal, event.a.response_id, event.a.choice_index, "a.")
             b = _answer(session, principal, event.b.response_id, event.b.choice_index, "b.")

@@ -35,7 +35,7 @@ class ApiKey(BaseModel):
 
     key: SecretStr = Field(min_length=16, description="the bearer token; at least 16 characters")
     name: str = Field(default="", description="stable id stored on records; defaults to a hash")
-    scopes: list[Scope] = Field(default_factory=lambda: ["chat", "feedback"], min_length=1)
+    scopes: list[Scope] = Field(default=["chat", "feedback"], min_length=1)
 
     @model_validator(mode="after")
     def _default_name(self) -> ApiKey:
@@ -171,8 +171,31 @@ class Settings(BaseSettings):
             return self.host == "localhost"
 
 
+# Read by the CLI and the settings sources themselves, not fields.
+_NOT_FIELDS = {"PREFLOOP_CONFIG", "PREFLOOP_LOG_LEVEL"}
+
+
+def _unknown_variables() -> list[str]:
+    """`PREFLOOP_...` variables that name no setting: a typo would otherwise be silently ignored."""
+    known = set(_NOT_FIELDS)
+    for name, field in Settings.model_fields.items():
+        known.add(f"PREFLOOP_{name.upper()}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            known |= {
+                f"PREFLOOP_{name.upper()}__{sub.upper()}" for sub in field.annotation.model_fields
+            }
+    return sorted(v for v in os.environ if v.startswith("PREFLOOP_") and v not in known)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's errors into one message naming each bad setting."""
+    unknown = _unknown_variables()
+    if unknown:
+        raise SettingsError(
+            "unknown settings: "
+            + ", ".join(f"{v}=" for v in unknown)
+            + " (see README, Configuration)"
+        )
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
         settings.all_api_keys  # noqa: B018 - parse the keys file now, not on the first request
