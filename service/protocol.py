@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_CHOICES = 4
 
@@ -38,15 +38,27 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
 
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        if self.messages[-1].role == "assistant":
-            raise ValueError("messages: the last message must be from the user or the system")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop: at most 4 sequences")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed when stream is true")
-        return self
+    # Field validators (not one model validator) so that a 422 names the field in `param`.
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_a_question(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages and messages[-1].role == "assistant":
+            raise ValueError("the last message must be from the user or the system")
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, opts: StreamOptions | None, info: ValidationInfo):
+        if opts is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return opts
 
     @property
     def stop_list(self) -> list[str]:
@@ -136,11 +148,12 @@ class PairwiseFeedback(_FeedbackBase):
     b: AnswerRef
     winner: Literal["a", "b", "tie", "both_bad"]
 
-    @model_validator(mode="after")
-    def _distinct(self) -> PairwiseFeedback:
-        if self.a == self.b:
-            raise ValueError("b: must name a different answer than a")
-        return self
+    @field_validator("b")
+    @classmethod
+    def _distinct(cls, b: AnswerRef, info: ValidationInfo) -> AnswerRef:
+        if b == info.data.get("a"):
+            raise ValueError("must name a different answer than a")
+        return b
 
 
 FeedbackEvent = Annotated[ThumbsFeedback | PairwiseFeedback, Field(discriminator="type")]

@@ -110,6 +110,9 @@ async def test_models_lists_served_version(client):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [*QUESTION, {"role": "assistant", "content": "Hi"}]}, "messages"),
+        ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 async def test_invalid_request_names_the_field(client, store, body, param):

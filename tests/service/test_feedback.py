@@ -138,7 +138,7 @@ async def test_error_cases_change_nothing(client, store):
     }
     err = await refused(client, store, pair, 422, "b.response_id")
     assert err["code"] == "different_conversations"
-    await refused(client, store, {**pair, "b": {"response_id": rid}}, 422, None)
+    await refused(client, store, {**pair, "b": {"response_id": rid}}, 422, "b")
     await refused(
         client, store, {**pair, "b": {"response_id": "chatcmpl-nope"}}, 404, "b.response_id"
     )
