@@ -1,7 +1,26 @@
-"""The system of record: generations and feedback (SQLAlchemy 2, Alembic migrations)."""
+"""The system of record: generations, feedback, model versions, preference snapshots and training
+runs (SQLAlchemy 2, Alembic migrations)."""
 
-from service.store.schema import Feedback, Generation, GenerationChoice
+from service.store.schema import (
+    Feedback,
+    Generation,
+    GenerationChoice,
+    ModelVersion,
+    PreferenceSnapshot,
+    Promotion,
+    TrainingRun,
+)
 from service.store.store import Store
 from service.store.writer import GroupCommitWriter
 
-__all__ = ["Feedback", "Generation", "GenerationChoice", "GroupCommitWriter", "Store"]
+__all__ = [
+    "Feedback",
+    "Generation",
+    "GenerationChoice",
+    "GroupCommitWriter",
+    "ModelVersion",
+    "PreferenceSnapshot",
+    "Promotion",
+    "Store",
+    "TrainingRun",
+]

@@ -76,3 +76,71 @@ class Feedback(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     correction: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ModelVersion(Base):
+    """A servable model: the base, or a trained LoRA adapter / full weights with its manifest."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
+    kind: Mapped[str] = mapped_column(String(8))  # "base" | "lora" | "full"
+    # The full weights this version runs on: itself for base/full, the parent's for a LoRA.
+    weights_id: Mapped[str] = mapped_column(String(64))
+    # Relative to the data directory, so replicas that mount it elsewhere agree.
+    path: Mapped[str] = mapped_column(String(512))
+    algorithm: Mapped[str | None] = mapped_column(String(16))
+    snapshot_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # candidate | approved | rejected
+    reason: Mapped[str | None] = mapped_column(Text)
+    manifest: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Promotion(Base):
+    """Append-only serving history: the newest row names the version every replica serves."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    action: Mapped[str] = mapped_column(String(16))  # "promote" | "rollback"
+    actor: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PreferenceSnapshot(Base):
+    """A frozen preference set: which feedback it used, its counts and content hash."""
+
+    __tablename__ = "preference_snapshots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(String(512))  # relative to the data directory
+    content_hash: Mapped[str] = mapped_column(String(64))
+    counts: Mapped[dict] = mapped_column(JSON)
+    feedback_ids: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TrainingRun(Base):
+    """One cycle: snapshot -> train -> gate -> (promote). Its metrics and error stay with it."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # "manual" | "count" | "interval"
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    # queued | running | promoted | rejected | failed | skipped
+    algorithm: Mapped[str] = mapped_column(String(16))
+    parent_version_id: Mapped[str | None] = mapped_column(String(64))
+    snapshot_id: Mapped[str | None] = mapped_column(String(64))
+    candidate_version_id: Mapped[str | None] = mapped_column(String(64))
+    config: Mapped[dict] = mapped_column(JSON)
+    step_metrics: Mapped[list] = mapped_column(JSON)
+    stages: Mapped[dict] = mapped_column(JSON)  # seconds per stage
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
