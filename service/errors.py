@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from pydantic_core import ErrorDetails
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
