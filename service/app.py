@@ -13,6 +13,7 @@ from fastapi import Body, Depends, FastAPI, Header, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service import export
+from service.admin import admin_router
 from service.auth import Authenticator, Principal
 from service.chat import ChatService
 from service.engine import PolicyEngine
@@ -29,8 +30,10 @@ from service.protocol import (
     ModelCard,
     ModelList,
 )
+from service.registry import Registry
+from service.rollout import VersionFollower
 from service.settings import Scope
-from service.store import GroupCommitWriter, Store
+from service.store import GroupCommitWriter
 
 ROUTES = frozenset(
     {
@@ -42,6 +45,9 @@ ROUTES = frozenset(
         "/v1/feedback",
         "/v1/feedback/batch",
         "/v1/preferences/export",
+        "/v1/admin/versions",
+        "/v1/admin/status",
+        "/v1/admin/train",
     }
 )
 
@@ -72,25 +78,30 @@ class _RequestMetrics:
 
 def build_app(
     engine: PolicyEngine,
-    store: Store,
+    registry: Registry,
     authenticator: Authenticator,
     *,
     default_max_tokens: int = 512,
     feedback_batch_max: int = 256,
+    swap_poll_s: float = 0.25,
 ) -> FastAPI:
+    store = registry.store
     metrics = Metrics(in_flight=lambda: engine.in_flight)
     writer = GroupCommitWriter(store, max_batch=feedback_batch_max)
+    follower = VersionFollower(engine, registry, swap_poll_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        follower.start()
         yield
+        await follower.stop()
         await writer.close()
 
     app = FastAPI(title="prefloop", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     chat = ChatService(engine, writer, metrics, default_max_tokens)
     feedback = FeedbackService(writer, metrics)
-    app.state.writer, app.state.metrics = writer, metrics
+    app.state.writer, app.state.metrics, app.state.follower = writer, metrics, follower
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
     def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
@@ -107,6 +118,8 @@ def build_app(
     Chat = Annotated[Principal, Depends(scoped("chat"))]
     Voter = Annotated[Principal, Depends(scoped("feedback"))]
     Admin = Annotated[Principal, Depends(scoped("admin"))]
+
+    app.include_router(admin_router(registry, follower, scoped("admin")))
 
     @app.get("/healthz")
     async def healthz() -> dict:

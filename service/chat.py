@@ -53,6 +53,7 @@ class _Run:
     texts: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     finish: list[str | None] = field(default_factory=list)
+    version: str | None = None  # set by the engine's first step
 
     def __post_init__(self) -> None:
         n = self.sampling.n
@@ -104,24 +105,24 @@ class ChatService:
             stream=req.stream,
         )
 
-    async def _steps(
-        self, run: _Run, version: str
-    ) -> AsyncIterator[list[tuple[int, str, str | None]]]:
+    async def _steps(self, run: _Run) -> AsyncIterator[list[tuple[int, str, str | None]]]:
         """Drive the engine, accumulating into `run`; yields (index, new text, finish) per step."""
-        first = True
-        async for deltas in self._engine.generate(run.id, run.prompt_token_ids, run.sampling):
-            if first:
+        async for step in self._engine.generate(run.id, run.prompt_token_ids, run.sampling):
+            if run.version is None:
+                run.version = step.version
                 self._metrics.ttft.observe(time.time() - run.created)
-                first = False
+            deltas = step.deltas
             for d in deltas:
                 run.texts[d.index] += d.text
                 run.token_ids[d.index].extend(d.token_ids)
                 run.finish[d.index] = d.finish_reason or run.finish[d.index]
             yield [(d.index, d.text, d.finish_reason) for d in deltas]
-        self._metrics.tokens.labels("prompt", version).inc(len(run.prompt_token_ids))
-        self._metrics.tokens.labels("completion", version).inc(run.completion_tokens)
+        self._metrics.tokens.labels("prompt", run.version).inc(len(run.prompt_token_ids))
+        self._metrics.tokens.labels("completion", run.version).inc(run.completion_tokens)
 
-    def _record_op(self, run: _Run, version: str):
+    def _record_op(self, run: _Run):
+        version = run.version or self._engine.version
+
         def op(session: Session) -> None:
             gen = Generation(
                 id=run.id,
@@ -152,15 +153,14 @@ class ChatService:
 
     async def complete(self, req: ChatCompletionRequest, api_key: str) -> ChatCompletion:
         run = self._start(req, api_key)
-        version = self._engine.version
-        async for _ in self._steps(run, version):
+        async for _ in self._steps(run):
             pass
-        await self._writer.submit(self._record_op(run, version))
+        await self._writer.submit(self._record_op(run))
         return ChatCompletion(
             id=run.id,
             created=int(run.created),
             model=self._engine.model_name,
-            system_fingerprint=version,
+            system_fingerprint=run.version or self._engine.version,
             usage=run.usage(),
             choices=[
                 Choice(
@@ -176,37 +176,39 @@ class ChatService:
         """Validates now (so errors are plain HTTP errors) and returns the SSE body generator."""
         run = self._start(req, api_key)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return self._stream(run, self._engine.version, include_usage)
+        return self._stream(run, include_usage)
 
-    async def _stream(self, run: _Run, version: str, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, run: _Run, include_usage: bool) -> AsyncIterator[str]:
         base = {
             "id": run.id,
             "object": "chat.completion.chunk",
             "created": int(run.created),
             "model": self._engine.model_name,
-            "system_fingerprint": version,
         }
 
         def chunk(choices: list[dict], usage: Usage | None = None) -> str:
-            body = {**base, "choices": choices}
+            body = {**base, "system_fingerprint": run.version, "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        done = False
+        done = started = False
         try:
-            yield chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    for i in range(run.sampling.n)
-                ]
-            )
-            async for step in self._steps(run, version):
+            async for step in self._steps(run):
+                if not started:
+                    # The version is known once the engine takes the request.
+                    started = True
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                            for i in range(run.sampling.n)
+                        ]
+                    )
                 choices = [
                     {
                         "index": i,
@@ -219,7 +221,7 @@ class ChatService:
                 ]
                 if choices:
                     yield chunk(choices)
-            await self._writer.submit(self._record_op(run, version))
+            await self._writer.submit(self._record_op(run))
             done = True
             if include_usage:
                 yield chunk([], run.usage())
@@ -233,7 +235,7 @@ class ChatService:
                 # marked aborted, without holding up the cancellation.
                 run.finish = [f or "abort" for f in run.finish]
                 task = asyncio.get_running_loop().create_task(
-                    self._writer.submit(self._record_op(run, version))
+                    self._writer.submit(self._record_op(run))
                 )
                 task.add_done_callback(_log_failure)
 

@@ -14,6 +14,7 @@ from ray import serve
 from service.app import build_app
 from service.auth import Authenticator
 from service.engine import VllmEngine
+from service.registry import Registry
 from service.settings import Settings
 from service.store import Store
 
@@ -27,14 +28,17 @@ class PolicyReplica:
     replaces the replica."""
 
     async def __init__(self, settings: Settings):  # type: ignore[misc] # Serve awaits it
-        self._engine = VllmEngine(settings)
-        self._store = Store(settings.resolved_database_url)
+        registry = Registry(Store(settings.resolved_database_url), settings.data_dir)
+        # A new or replacement replica starts on whatever is served now.
+        served = registry.served()
+        self._engine = VllmEngine(settings, served.weights_path, served.version.id)
         self._app = build_app(
             self._engine,
-            self._store,
+            registry,
             Authenticator(settings.all_api_keys),
             default_max_tokens=settings.engine.default_max_tokens,
             feedback_batch_max=settings.feedback_batch_max,
+            swap_poll_s=settings.swap_poll_s,
         )
 
     def __serve_build_asgi_app__(self):
@@ -66,7 +70,12 @@ def deploy(settings: Settings) -> None:
     every replica is up)."""
     import ray
 
-    Store(settings.resolved_database_url).upgrade()
+    store = Store(settings.resolved_database_url)
+    store.upgrade()
+    registry = Registry(store, settings.data_dir)
+    registry.ensure_base(settings.resolved_model_path)
+    version = registry.served().version.id
+    store.close()
     if not settings.auth_enabled:
         logger.warning(
             "no API keys configured: the API is open to anyone who can reach it, so it "
@@ -84,7 +93,7 @@ def deploy(settings: Settings) -> None:
     logger.info(
         "serving %s (version %s) on http://%s:%d with %d replica(s)",
         settings.served_model_name,
-        settings.model_version,
+        version,
         settings.bind_host,
         settings.port,
         settings.replicas,

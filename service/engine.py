@@ -6,10 +6,13 @@ fast tests; vLLM is imported inside `VllmEngine` and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from service.errors import EngineUnavailable, InvalidRequest
@@ -38,10 +41,60 @@ class ChoiceDelta:
     finish_reason: str | None
 
 
+@dataclass(frozen=True)
+class EngineStep:
+    """One step of a request: the version producing it (the same for the whole request)."""
+
+    version: str
+    deltas: list[ChoiceDelta]
+
+
+class VersionGate:
+    """Ties every request to one model version while versions are swapped underneath.
+
+    A request holds the gate for its whole generation and reads the version once. A swap closes
+    the gate to new requests (they wait, they don't fail), waits until the running ones finish,
+    changes the weights, then reopens: no response mixes two versions.
+    """
+
+    def __init__(self, version: str):
+        self.version = version
+        self.active = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[str]:
+        await self._open.wait()
+        self.active += 1
+        self._idle.clear()
+        try:
+            yield self.version
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._open.set()
+
+
 class PolicyEngine(Protocol):
     model_name: str
-    version: str
     max_model_len: int
+
+    @property
+    def version(self) -> str:
+        """The version new requests run on."""
+        ...
 
     def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Chat template applied and tokenised."""
@@ -49,8 +102,12 @@ class PolicyEngine(Protocol):
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
-    ) -> AsyncIterator[list[ChoiceDelta]]:
+    ) -> AsyncIterator[EngineStep]:
         """Yields each step's deltas until every choice has a finish reason."""
+        ...
+
+    async def swap(self, version: str, weights_path: Path) -> None:
+        """Serve `version` (full weights in `weights_path`) from the next request on."""
         ...
 
     async def check_health(self) -> None:
@@ -79,9 +136,10 @@ def resolve_max_tokens(
 
 
 class VllmEngine:
-    """One `AsyncLLM` in this process, started from the engine settings."""
+    """One `AsyncLLM` in this process, started from the engine settings on `weights_path`, the
+    weights of `version`."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, weights_path: Path, version: str):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine.kv_cache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -92,7 +150,9 @@ class VllmEngine:
         if chunked is None:
             chunked = not current_platform.is_cpu()
         args = AsyncEngineArgs(
-            model=str(settings.resolved_model_path),
+            model=str(weights_path),
+            # Later versions are full weights of the same architecture: keep the tokenizer fixed.
+            tokenizer=str(settings.resolved_model_path),
             served_model_name=settings.served_model_name,
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
@@ -106,14 +166,19 @@ class VllmEngine:
         self._llm: Any = AsyncLLM.from_engine_args(args)
         self._tokenizer: Any = self._llm.get_tokenizer()
         self.model_name = settings.served_model_name
-        self.version = settings.model_version
         self.max_model_len = cfg.max_model_len
-        self._in_flight = 0
-        logger.info("engine ready: %s (chunked prefill %s)", settings.resolved_model_path, chunked)
+        self._gate = VersionGate(version)
+        logger.info(
+            "engine ready: version %s from %s (chunked prefill %s)", version, weights_path, chunked
+        )
+
+    @property
+    def version(self) -> str:
+        return self._gate.version
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._gate.active
 
     def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self._tokenizer.apply_chat_template(
@@ -124,7 +189,7 @@ class VllmEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
-    ) -> AsyncIterator[list[ChoiceDelta]]:
+    ) -> AsyncIterator[EngineStep]:
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
@@ -139,17 +204,32 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
         )
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
-        self._in_flight += 1
-        try:
-            async for out in self._llm.generate(prompt, params, request_id=request_id):
-                yield [
-                    ChoiceDelta(o.index, o.text, list(o.token_ids), o.finish_reason)
-                    for o in out.outputs
-                ]
-        except (EngineDeadError, EngineGenerateError) as exc:
-            raise EngineUnavailable(f"the engine failed: {exc}", code="engine_error") from exc
-        finally:
-            self._in_flight -= 1
+        async with self._gate.hold() as version:
+            try:
+                async for out in self._llm.generate(prompt, params, request_id=request_id):
+                    deltas = [
+                        ChoiceDelta(o.index, o.text, list(o.token_ids), o.finish_reason)
+                        for o in out.outputs
+                    ]
+                    yield EngineStep(version, deltas)
+            except (EngineDeadError, EngineGenerateError) as exc:
+                raise EngineUnavailable(f"the engine failed: {exc}", code="engine_error") from exc
+
+    async def swap(self, version: str, weights_path: Path) -> None:
+        """Reload all weights in place (about 0.6 s for the embedded model) between requests."""
+        if version == self._gate.version:
+            return
+        async with self._gate.exclusive():
+            await self._llm.pause_generation(mode="wait")
+            try:
+                await self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_path": str(weights_path)}
+                )
+                await self._llm.reset_prefix_cache()
+                self._gate.version = version
+            finally:
+                await self._llm.resume_generation()
+        logger.info("now serving version %s from %s", version, weights_path)
 
     async def check_health(self) -> None:
         try:

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     """Everything `prefloop serve` needs; one instance is built at start-up and passed down."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PREFLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="PREFLOOP_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
 
     host: str = "127.0.0.1"
@@ -97,7 +97,6 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "prefloop")
     model_path: Path | None = Field(default=None, description="HF safetensors folder to serve")
     served_model_name: str = "prefloop"
-    model_version: str = Field(default="base", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; SQLite in data_dir if unset"
     )
@@ -111,6 +110,8 @@ class Settings(BaseSettings):
     # the engine always has the next request ready.
     max_ongoing_requests: int = Field(default=64, ge=1)
     feedback_batch_max: int = Field(default=256, ge=1, description="most writes in one transaction")
+    # How often a replica looks for a new promotion; promote -> serving is this plus the reload.
+    swap_poll_s: float = Field(default=0.25, gt=0, le=10)
     health_check_period_s: float = Field(default=5.0, gt=0)
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
@@ -173,10 +174,13 @@ class Settings(BaseSettings):
 
 # Read by the CLI and the settings sources themselves, not fields.
 _NOT_FIELDS = {"PREFLOOP_CONFIG", "PREFLOOP_LOG_LEVEL"}
+# Sections of the same environment and file that the offline side (`training.config`) owns.
+OFFLINE_SECTIONS = ("snapshot", "train", "gate", "scheduler")
 
 
-def _unknown_variables() -> list[str]:
-    """`PREFLOOP_...` variables that name no setting: a typo would otherwise be silently ignored."""
+def _unknown_settings() -> list[str]:
+    """`PREFLOOP_...` variables and config file keys that name no setting: a typo would otherwise
+    be silently ignored."""
     known = set(_NOT_FIELDS)
     for name, field in Settings.model_fields.items():
         known.add(f"PREFLOOP_{name.upper()}")
@@ -184,17 +188,26 @@ def _unknown_variables() -> list[str]:
             known |= {
                 f"PREFLOOP_{name.upper()}__{sub.upper()}" for sub in field.annotation.model_fields
             }
-    return sorted(v for v in os.environ if v.startswith("PREFLOOP_") and v not in known)
+    offline = tuple(f"PREFLOOP_{s.upper()}__" for s in OFFLINE_SECTIONS)
+    unknown = [
+        f"{v}="
+        for v in os.environ
+        if v.startswith("PREFLOOP_") and v not in known and not v.startswith(offline)
+    ]
+    config_file = os.environ.get("PREFLOOP_CONFIG")
+    if config_file and Path(config_file).is_file():
+        keys = (yaml.safe_load(Path(config_file).read_text()) or {}).keys()
+        allowed = set(Settings.model_fields) | set(OFFLINE_SECTIONS)
+        unknown += [f"{config_file}: {k}" for k in keys if k not in allowed]
+    return sorted(unknown)
 
 
 def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's errors into one message naming each bad setting."""
-    unknown = _unknown_variables()
+    unknown = _unknown_settings()
     if unknown:
         raise SettingsError(
-            "unknown settings: "
-            + ", ".join(f"{v}=" for v in unknown)
-            + " (see README, Configuration)"
+            "unknown settings: " + ", ".join(unknown) + " (see README, Configuration)"
         )
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]

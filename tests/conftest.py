@@ -10,6 +10,7 @@ import pytest
 
 from service.app import build_app
 from service.auth import Authenticator
+from service.registry import Registry
 from service.settings import ApiKey
 from service.store import Store
 from tests.fakes import FakeEngine
@@ -66,8 +67,18 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-async def client(engine: FakeEngine, store: Store) -> AsyncIterator[httpx.AsyncClient]:
-    app = build_app(engine, store, Authenticator(KEYS))
+def registry(store: Store, tmp_path) -> Registry:
+    base = tmp_path / "models" / "base-model"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    reg = Registry(store, tmp_path)
+    reg.ensure_base(base)
+    return reg
+
+
+@pytest.fixture
+async def client(engine: FakeEngine, registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(engine, registry, Authenticator(KEYS))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         c.headers.update(auth(CHAT_KEY))

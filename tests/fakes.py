@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-from service.engine import ChoiceDelta, Sampling
+from service.engine import ChoiceDelta, EngineStep, Sampling, VersionGate
 from service.errors import EngineUnavailable
 
 
@@ -19,58 +20,72 @@ class FakeEngine:
     model_name = "prefloop"
 
     def __init__(self, version: str = "base", max_model_len: int = 2048):
-        self.version = version
         self.max_model_len = max_model_len
         self.dead = False
-        self._in_flight = 0
+        self.swaps: list[tuple[str, Path]] = []
+        self._gate = VersionGate(version)
+
+    @property
+    def version(self) -> str:
+        return self._gate.version
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._gate.active
+
+    async def swap(self, version: str, weights_path: Path) -> None:
+        async with self._gate.exclusive():
+            await asyncio.sleep(0.01)  # the real engine reloads its weights here
+            self._gate.version = version
+            self.swaps.append((version, weights_path))
 
     def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
         return [ord(c) for c in text]
 
     @staticmethod
-    def answer(prompt: str, index: int, seed: int | None) -> str:
+    def answer(prompt: str, index: int, seed: int | None, version: str = "base") -> str:
         """The full text choice `index` would produce without a token limit or stop string."""
         question = prompt.rsplit("<user>", 1)[-1].split("\n", 1)[0]
         salt = random.Random(seed).randint(0, 9999) if seed is not None else index
-        return f"Answer {index} (variant {salt}): you asked '{question}'. Done."
+        tag = "" if version == "base" else f" [{version}]"
+        return f"Answer {index} (variant {salt}): you asked '{question}'.{tag} Done."
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
-    ) -> AsyncIterator[list[ChoiceDelta]]:
+    ) -> AsyncIterator[EngineStep]:
         if self.dead:
             raise EngineUnavailable("engine is dead", code="engine_dead")
+        async with self._gate.hold() as version:
+            async for step in self._generate(version, prompt_token_ids, sampling):
+                yield EngineStep(version, step)
+
+    async def _generate(
+        self, version: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[ChoiceDelta]]:
         prompt = "".join(chr(t) for t in prompt_token_ids)
         plans = []
         for i in range(sampling.n):
-            text, finish = self.answer(prompt, i, sampling.seed), "stop"
+            text, finish = self.answer(prompt, i, sampling.seed, version), "stop"
             for stop in sampling.stop:
                 if stop in text:
                     text = text[: text.index(stop)]
             if sampling.max_tokens is not None and len(text) > sampling.max_tokens:
                 text, finish = text[: sampling.max_tokens], "length"
             plans.append((text, finish))
-        self._in_flight += 1
-        try:
-            pos = 0
-            while any(pos < len(t) for t, _ in plans):
-                await asyncio.sleep(0)
-                step = []
-                for i, (text, finish) in enumerate(plans):
-                    piece = text[pos : pos + 4]
-                    if piece:
-                        done = pos + 4 >= len(text)
-                        step.append(
-                            ChoiceDelta(i, piece, [ord(c) for c in piece], finish if done else None)
-                        )
-                pos += 4
-                yield step
-        finally:
-            self._in_flight -= 1
+        pos = 0
+        while any(pos < len(t) for t, _ in plans):
+            await asyncio.sleep(0)
+            step = []
+            for i, (text, finish) in enumerate(plans):
+                piece = text[pos : pos + 4]
+                if piece:
+                    done = pos + 4 >= len(text)
+                    step.append(
+                        ChoiceDelta(i, piece, [ord(c) for c in piece], finish if done else None)
+                    )
+            pos += 4
+            yield step
 
     async def check_health(self) -> None:
         if self.dead:

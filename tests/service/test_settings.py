@@ -57,6 +57,16 @@ def test_invalid_settings_name_the_setting(monkeypatch, env, named):
     assert named in str(exc.value)
 
 
+def test_unknown_config_file_key_is_named(monkeypatch, tmp_path):
+    cfg = tmp_path / "prefloop.yaml"
+    cfg.write_text("port: 9000\nprot: 9001\ntrain:\n  beta: 0.2\n")
+    monkeypatch.setenv("PREFLOOP_CONFIG", str(cfg))
+    monkeypatch.setenv("PREFLOOP_TRAIN__EPOCHS", "3")
+    with pytest.raises(SettingsError, match="prot") as exc:
+        load_settings()
+    assert "train" not in str(exc.value) and "EPOCHS" not in str(exc.value)
+
+
 def test_missing_config_file_is_named(monkeypatch):
     monkeypatch.setenv("PREFLOOP_CONFIG", "/nonexistent/prefloop.yaml")
     with pytest.raises(SettingsError, match="PREFLOOP_CONFIG"):

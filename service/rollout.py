@@ -1,0 +1,50 @@
+"""Keeps a replica on the version the registry serves: the swap half of promotion and rollback.
+
+Every replica polls the newest promotion (one indexed row) and swaps its engine when it changes,
+so the same mechanism works with one replica or many, on one box or on a cluster sharing the
+database and the data directory; nothing has to reach the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.engine import PolicyEngine
+from service.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+class VersionFollower:
+    def __init__(self, engine: PolicyEngine, registry: Registry, poll_s: float):
+        self._engine = engine
+        self._registry = registry
+        self._poll_s = poll_s
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    async def sync(self) -> str:
+        """Swap to the served version if this replica is not on it; returns the version."""
+        async with self._lock:
+            served = await asyncio.to_thread(self._registry.served)
+            if served.version.id != self._engine.version:
+                await self._engine.swap(served.version.id, served.weights_path)
+            return self._engine.version
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="follow-version")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # a database hiccup must not stop the follower
+                logger.exception("could not follow the served version")
+            await asyncio.sleep(self._poll_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,146 @@
+"""Registry and rollout over HTTP with the fake engine: manifests, checksums, the approval rule,
+promotion and rollback, and responses that never mix versions during a swap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from service.registry import Registry
+from tests.conftest import ADMIN_KEY, CHAT_KEY, auth
+
+QUESTION = [{"role": "user", "content": "Where is my invoice?"}]
+
+
+def trained_result(tmp_path, name: str):
+    """A folder shaped like a training result: merged weights plus the LoRA adapter."""
+    out = tmp_path / "runs" / name
+    (out / "weights").mkdir(parents=True)
+    (out / "adapter").mkdir()
+    save_file({"w": torch.ones(4, 4)}, str(out / "weights" / "model.safetensors"))
+    save_file({"lora_A": torch.zeros(2, 4)}, str(out / "adapter" / "adapter_model.safetensors"))
+    (out / "weights" / "config.json").write_text("{}")
+    return out
+
+
+def publish(registry: Registry, tmp_path, version_id: str, approve: bool = True):
+    parent = registry.served().version
+    v = registry.publish(
+        version_id=version_id,
+        parent=parent,
+        source=trained_result(tmp_path, version_id),
+        kind="lora",
+        algorithm="dpo",
+        snapshot_id="snap-1",
+        config={"beta": 0.1},
+        metrics={"train_loss": 0.5},
+    )
+    if approve:
+        registry.judge(version_id, approved=True, reason=None, metrics={"accuracy": 1.0})
+    return v
+
+
+def test_publish_writes_manifest_with_checksums(registry, tmp_path):
+    v = publish(registry, tmp_path, "v1", approve=False)
+    manifest = json.loads((registry.path_of(v) / "manifest.json").read_text())
+    assert manifest["parent"] == "base" and manifest["snapshot_id"] == "snap-1"
+    assert set(manifest["files"]) == {
+        "weights/model.safetensors",
+        "weights/config.json",
+        "adapter/adapter_model.safetensors",
+    }
+    assert registry.checksum_mismatches(v) == []
+    (registry.path_of(v) / "weights" / "config.json").write_text('{"tampered": true}')
+    assert registry.checksum_mismatches(v) == ["weights/config.json"]
+
+
+def test_only_approved_versions_are_served(registry, tmp_path):
+    publish(registry, tmp_path, "v1", approve=False)
+    from service.errors import Conflict, NotFound
+
+    with pytest.raises(Conflict, match="candidate"):
+        registry.promote("v1", "ops")
+    registry.judge("v1", approved=False, reason="accuracy 0.4 < 0.6", metrics={})
+    with pytest.raises(Conflict, match=r"accuracy 0\.4"):
+        registry.promote("v1", "ops")
+    with pytest.raises(NotFound):
+        registry.promote("v404", "ops")
+    assert registry.served().version.id == "base"
+
+
+async def test_promote_and_rollback_over_http(client, registry, engine, tmp_path):
+    publish(registry, tmp_path, "v1")
+    admin = auth(ADMIN_KEY)
+    listed = (await client.get("/v1/admin/versions", headers=admin)).json()
+    assert listed["served"] == "base"
+    assert [v["id"] for v in listed["data"]] == ["base", "v1"]
+
+    r = await client.post("/v1/admin/versions/v1/promote", headers=admin)
+    assert r.status_code == 200, r.text
+    assert r.json() | {"id": 0} == {
+        "object": "promotion",
+        "id": 0,
+        "version": "v1",
+        "action": "promote",
+        "serving": "v1",
+    }
+    chat = (await client.post("/v1/chat/completions", json={"messages": QUESTION})).json()
+    assert chat["system_fingerprint"] == "v1" and "[v1]" in chat["choices"][0]["message"]["content"]
+    assert engine.swaps[-1] == ("v1", registry.path_of(registry.get("v1")) / "weights")
+
+    r = await client.post("/v1/admin/versions/base/promote", headers=admin)
+    assert r.json()["action"] == "rollback" and r.json()["serving"] == "base"
+    chat = (await client.post("/v1/chat/completions", json={"messages": QUESTION})).json()
+    assert chat["system_fingerprint"] == "base"
+    assert [p.action for p in registry.history()] == ["rollback", "promote", "promote"]
+
+
+async def test_admin_routes_need_admin(client):
+    r = await client.get("/v1/admin/versions", headers=auth(CHAT_KEY))
+    assert r.status_code == 403
+    r = await client.post("/v1/admin/versions/nope/promote", headers=auth(ADMIN_KEY))
+    assert r.status_code == 404 and r.json()["error"]["param"] == "version_id"
+
+
+async def test_no_response_mixes_versions_during_a_swap(client, registry, engine, tmp_path):
+    publish(registry, tmp_path, "v1")
+
+    async def ask() -> dict:
+        r = await client.post("/v1/chat/completions", json={"messages": QUESTION, "n": 2})
+        assert r.status_code == 200
+        return r.json()
+
+    follower = client._transport.app.state.follower
+    before = [asyncio.create_task(ask()) for _ in range(20)]
+    while engine.in_flight == 0:
+        await asyncio.sleep(0)
+    registry.promote("v1", "ops")
+    swap = asyncio.create_task(follower.sync())
+    during = [asyncio.create_task(ask()) for _ in range(20)]
+    assert await swap == "v1"
+    replies = await asyncio.gather(*before, *during)
+    versions = {r["system_fingerprint"] for r in replies}
+    assert versions == {"base", "v1"}
+    for r in replies:
+        tagged = ["[v1]" in c["message"]["content"] for c in r["choices"]]
+        assert tagged == [r["system_fingerprint"] == "v1"] * 2
+
+
+async def test_status_and_manual_training_queue(client, registry):
+    admin = auth(ADMIN_KEY)
+    rid = (await client.post("/v1/chat/completions", json={"messages": QUESTION})).json()["id"]
+    await client.post("/v1/feedback", json={"type": "thumbs", "response_id": rid, "rating": "up"})
+    status = (await client.get("/v1/admin/status", headers=admin)).json()
+    assert status["served_version"]["id"] == "base"
+    assert status["feedback"] == {"total": 1, "pending": 1}
+    assert status["current_run"] is None
+    r = await client.post("/v1/admin/train", headers=admin)
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    again = await client.post("/v1/admin/train", headers=admin)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "training_in_progress"
+    status = (await client.get("/v1/admin/status", headers=admin)).json()
+    assert status["current_run"]["id"] == r.json()["id"]
