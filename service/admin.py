@@ -5,20 +5,16 @@ which the scheduler picks up (the service never imports `training`).
 """
 
 import asyncio
-import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from sqlalchemy import desc, func, select
+from sqlalchemy import func, select
 
 from service.auth import Principal
-from service.errors import Conflict
 from service.registry import Registry
 from service.rollout import VersionFollower
+from service.runs import ACTIVE, queue_run, recent_runs
 from service.store import Feedback, ModelVersion, PreferenceSnapshot, TrainingRun
-
-ACTIVE_RUN = ("queued", "running")
 
 
 def version_view(v: ModelVersion) -> dict[str, Any]:
@@ -65,53 +61,15 @@ def loop_status(registry: Registry) -> dict[str, Any]:
         for ids in s.scalars(select(PreferenceSnapshot.feedback_ids)):
             used.update(ids)
         total = s.scalar(select(func.count()).select_from(Feedback)) or 0
-        runs = list(s.scalars(select(TrainingRun).order_by(desc(TrainingRun.created_at)).limit(20)))
-    current = next((r for r in runs if r.status in ACTIVE_RUN), None)
-    last = next((r for r in runs if r.status not in ACTIVE_RUN), None)
+    runs = recent_runs(registry.store)
+    current = next((r for r in runs if r.status in ACTIVE), None)
+    last = next((r for r in runs if r.status not in ACTIVE), None)
     return {
         "served_version": version_view(served.version),
         "feedback": {"total": total, "pending": total - len(used)},
         "current_run": run_view(current),
         "last_run": run_view(last),
     }
-
-
-def queue_training(registry: Registry, actor: str, algorithm: str | None = None) -> TrainingRun:
-    """Queue a manual cycle; refused while one is queued or running (never two at once)."""
-
-    def op(session):
-        active = session.scalars(
-            select(TrainingRun).where(TrainingRun.status.in_(ACTIVE_RUN)).limit(1)
-        ).first()
-        if active is not None:
-            raise Conflict(
-                f"training run {active.id} is already {active.status}",
-                param=None,
-                code="training_in_progress",
-            )
-        run = TrainingRun(
-            id=f"run-{uuid.uuid4().hex[:12]}",
-            trigger="manual",
-            status="queued",
-            algorithm=algorithm or "auto",
-            parent_version_id=None,
-            snapshot_id=None,
-            candidate_version_id=None,
-            config={"requested_by": actor},
-            step_metrics=[],
-            stages={},
-            error=None,
-            created_at=datetime.now(UTC),
-            started_at=None,
-            finished_at=None,
-        )
-        session.add(run)
-        return run
-
-    result = registry.store.write_batch([op])[0]
-    if isinstance(result, Exception):
-        raise result
-    return result
 
 
 def admin_router(registry: Registry, follower: VersionFollower, admin: Any) -> APIRouter:
@@ -148,7 +106,7 @@ def admin_router(registry: Registry, follower: VersionFollower, admin: Any) -> A
 
     @router.post("/train", status_code=202)
     async def train(who: Admin) -> dict:
-        run = await asyncio.to_thread(queue_training, registry, who.name)
+        run = await asyncio.to_thread(queue_run, registry.store, "manual", who.name)
         return run_view(run) or {}
 
     return router

@@ -63,6 +63,9 @@ class Registry:
     def path_of(self, version: ModelVersion) -> Path:
         return self.data_dir / version.path
 
+    def adapter_path(self, version: ModelVersion) -> Path | None:
+        return self.path_of(version) / "adapter" if version.kind == "lora" else None
+
     def weights_path(self, version: ModelVersion) -> Path:
         root = self.path_of(version)
         return root if version.kind == BASE_VERSION else root / "weights"
@@ -100,7 +103,7 @@ class Registry:
                     )
                 )
 
-        _one(self.store.write_batch([op]))
+        self.store.write_one(op)
 
     def publish(
         self,
@@ -109,13 +112,15 @@ class Registry:
         parent: ModelVersion,
         source: Path,
         kind: str,
+        weights_id: str | None = None,
         algorithm: str,
         snapshot_id: str | None,
         config: dict,
         metrics: dict,
     ) -> ModelVersion:
         """Move a trained result (`source` holds `weights/` and, for LoRA, `adapter/`) into the
-        registry, write its manifest and record it as a candidate."""
+        registry, write its manifest and record it as a candidate. `weights_id`: for a LoRA, the
+        version whose full weights the adapter applies to."""
         target = self.data_dir / "versions" / version_id
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), target)
@@ -124,6 +129,7 @@ class Registry:
             "id": version_id,
             "parent": parent.id,
             "kind": kind,
+            "weights_id": weights_id or version_id,
             "algorithm": algorithm,
             "snapshot_id": snapshot_id,
             "config": config,
@@ -136,7 +142,7 @@ class Registry:
             id=version_id,
             parent_id=parent.id,
             kind=kind,
-            weights_id=version_id,
+            weights_id=weights_id or version_id,
             path=_relative(target, self.data_dir),
             algorithm=algorithm,
             snapshot_id=snapshot_id,
@@ -151,7 +157,7 @@ class Registry:
             session.add(row)
             return row
 
-        return _one(self.store.write_batch([op]))
+        return self.store.write_one(op)
 
     def checksum_mismatches(self, version: ModelVersion) -> list[str]:
         """Files whose bytes differ from the manifest, or that are missing or unexpected."""
@@ -172,7 +178,7 @@ class Registry:
             row.reason = reason
             row.metrics = {**row.metrics, "gate": metrics}
 
-        _one(self.store.write_batch([op]))
+        self.store.write_one(op)
 
     def get(self, version_id: str) -> ModelVersion:
         with self.store.reading() as session:
@@ -237,7 +243,7 @@ class Registry:
             session.flush()
             return promo
 
-        return _one(self.store.write_batch([op]))
+        return self.store.write_one(op)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -247,9 +253,3 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root.resolve()))
     except ValueError:
         return str(path)
-
-
-def _one(results: list) -> Any:
-    if isinstance(results[0], Exception):
-        raise results[0]
-    return results[0]

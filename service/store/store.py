@@ -98,6 +98,13 @@ class Store:
                     results.append(exc)
         return results
 
+    def write_one(self, op: Callable[[Session], T]) -> T:
+        """`write_batch` of one op: its result, or its exception raised."""
+        result = self.write_batch([op])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     @contextmanager
     def reading(self) -> Iterator[Session]:
         with self._reads.begin() as session:

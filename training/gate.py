@@ -1,0 +1,103 @@
+"""The evaluation gate: a candidate is served only if its files are intact, its weights finite,
+it prefers the held-out chosen answers over the rejected ones more than the served version does
+(DPO's implicit reward, measured against the served version as reference), and vLLM can load and
+run it. A failed candidate is kept, marked rejected with the reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.registry import Registry
+from service.store import ModelVersion
+from training.config import GateConfig
+
+logger = logging.getLogger(__name__)
+Canary = Callable[[Path, Path, str], str]
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run_gate(
+    registry: Registry,
+    candidate: ModelVersion,
+    parent: ModelVersion,
+    heldout_pairs: list[dict],
+    *,
+    cfg: GateConfig,
+    beta: float,
+    max_length: int,
+    tokenizer_path: Path,
+    canary: Canary,
+) -> GateResult:
+    from training.evaluation import heldout_reward_stats, weights_are_finite
+
+    result = GateResult(passed=True)
+
+    def fail(reason: str) -> None:
+        result.passed = False
+        result.reasons.append(reason)
+
+    mismatched = registry.checksum_mismatches(candidate)
+    if mismatched:
+        fail(f"checksums differ from the manifest: {', '.join(mismatched)}")
+    root = registry.path_of(candidate)
+    for part in ("weights", "adapter"):
+        if (root / part).is_dir() and not weights_are_finite(root / part):
+            fail(f"non-finite values in {part}/")
+    if not result.passed:
+        return result  # don't evaluate or load weights that are already known bad
+
+    if len(heldout_pairs) >= max(cfg.min_heldout_pairs, 1):
+        base = registry.weights_path(registry.get(candidate.weights_id))
+        if candidate.kind == "lora":
+            stats = heldout_reward_stats(
+                base,
+                registry.adapter_path(candidate),
+                registry.adapter_path(parent),
+                heldout_pairs,
+                beta,
+                max_length,
+            )
+        else:
+            stats = heldout_reward_stats(
+                registry.weights_path(candidate),
+                None,
+                None,
+                heldout_pairs,
+                beta,
+                max_length,
+                reference_model_path=registry.weights_path(parent),
+            )
+        result.metrics["heldout"] = stats
+        if stats["accuracy"] < cfg.min_accuracy:
+            fail(f"held-out preference accuracy {stats['accuracy']:.2f} < {cfg.min_accuracy}")
+        if stats["margin"] <= cfg.min_margin:
+            fail(f"held-out reward margin {stats['margin']:.4f} <= {cfg.min_margin}")
+    else:
+        result.metrics["heldout"] = {"pairs": len(heldout_pairs), "skipped": True}
+
+    try:
+        text = canary(registry.weights_path(candidate), tokenizer_path, cfg.canary_prompt)
+    except Exception as exc:  # a canary that cannot run is a failed canary
+        fail(f"canary generation failed: {exc}")
+    else:
+        result.metrics["canary"] = text
+        if not text.strip():
+            fail("canary generation returned no text")
+    logger.info(
+        "gate for %s: %s %s",
+        candidate.id,
+        "pass" if result.passed else "fail",
+        "; ".join(result.reasons),
+    )
+    return result
