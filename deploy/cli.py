@@ -1,7 +1,13 @@
 """`prefloop`: the command line.
 
     prefloop bootstrap            convert the embedded model into the data directory (once)
-    prefloop serve [--port N]     start (or join) Ray, deploy the Serve app, serve until stopped
+    prefloop serve [--port N]     start (or join) Ray, deploy the Serve app and the scheduler,
+                                  serve until stopped
+    prefloop train [--queue]      run one training cycle now, with a progress bar (or queue it
+                                  for the scheduler of a running `prefloop serve`)
+    prefloop versions             list model versions
+    prefloop promote VERSION      serve VERSION on every replica (a rollback is the same)
+    prefloop status               served version, pending feedback, last and current runs
 
 Settings come from `PREFLOOP_...` variables and the file named by `PREFLOOP_CONFIG` (or
 `--config`); the flags here override the few that are changed most often.
@@ -10,6 +16,7 @@ Settings come from `PREFLOOP_...` variables and the file named by `PREFLOOP_CONF
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -33,6 +40,8 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.loop import start_scheduler, training_settings
+
     settings = load_settings(**_overrides(args))
     if settings.model_path is None:
         from deploy.bootstrap import ensure_embedded_model
@@ -44,12 +53,90 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     deployment.deploy(settings)
+    scheduler = None
+    if training_settings(settings).scheduler.enabled:
+        scheduler = start_scheduler(settings)
     print(
         f"prefloop: serving on http://{settings.bind_host}:{settings.port}  (Ctrl-C stops)",
         flush=True,
     )
     stop.wait()
+    if scheduler is not None:
+        scheduler.stop()
     deployment.shutdown()
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deploy.loop import cycle_context, run_with_progress
+    from service.errors import Conflict
+    from service.runs import queue_run
+
+    settings = load_settings(**_overrides(args))
+    ctx = cycle_context(settings)
+    try:
+        run = queue_run(ctx.store, "manual", "cli")
+    except Conflict as exc:
+        print(f"prefloop: {exc.message}", file=sys.stderr)
+        return 1
+    if args.queue:
+        print(f"queued {run.id}; a running `prefloop serve` picks it up")
+        return 0
+    import ray
+
+    ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+    run = run_with_progress(ctx, run.id)
+    print(
+        json.dumps(
+            {
+                "run": run.id,
+                "status": run.status,
+                "candidate": run.candidate_version_id,
+                "stages_s": run.stages,
+                "error": run.error,
+            },
+            indent=2,
+        )
+    )
+    return 0 if run.status in ("promoted", "approved") else 1
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from deploy.loop import open_registry
+
+    registry = open_registry(load_settings(**_overrides(args)))
+    served = registry.served().version.id
+    print(f"{'':2}{'version':28}{'parent':28}{'kind':6}{'status':10}reason")
+    for v in registry.versions():
+        mark = "*" if v.id == served else ""
+        print(f"{mark:2}{v.id:28}{v.parent_id or '-':28}{v.kind:6}{v.status:10}{v.reason or ''}")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from deploy.loop import open_registry
+    from service.errors import ApiError
+
+    registry = open_registry(load_settings(**_overrides(args)))
+    try:
+        promo = registry.promote(args.version, actor="cli")
+    except ApiError as exc:
+        print(f"prefloop: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{promo.action}: {promo.version_id} (replicas follow within a second)")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from deploy.loop import cycle_context
+    from service.admin import loop_status
+    from training.preference_sets import build
+
+    settings = load_settings(**_overrides(args))
+    ctx = cycle_context(settings)
+    status = loop_status(ctx.registry)
+    status["feedback"]["usable_now"] = build(ctx.store, ctx.settings.snapshot).usable
+    print(json.dumps(status, indent=2, default=str))
     return 0
 
 
@@ -69,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-path", dest="model_path")
     serve.add_argument("--database-url", dest="database_url")
     serve.set_defaults(run=_cmd_serve)
+    train = sub.add_parser("train", help="run one training cycle now")
+    train.add_argument(
+        "--queue", action="store_true", help="only queue it for a running `prefloop serve`"
+    )
+    train.set_defaults(run=_cmd_train)
+    sub.add_parser("versions", help="list model versions").set_defaults(run=_cmd_versions)
+    promote = sub.add_parser("promote", help="serve a version (promotion or rollback)")
+    promote.add_argument("version")
+    promote.set_defaults(run=_cmd_promote)
+    sub.add_parser("status", help="the loop's state").set_defaults(run=_cmd_status)
     return parser
 
 
@@ -80,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("PREFLOOP_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.run(args)
     except SettingsError as exc:

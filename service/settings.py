@@ -202,6 +202,16 @@ def _unknown_settings() -> list[str]:
     return sorted(unknown)
 
 
+def settings_error(exc: ValidationError) -> SettingsError:
+    """One message naming each bad setting as its environment variable, with value and reason."""
+    lines = []
+    for err in exc.errors():
+        name = "PREFLOOP_" + "__".join(str(p) for p in err["loc"]).upper()
+        value = json.dumps(err.get("input"), default=str)[:80]
+        lines.append(f"{name}={value}: {err['msg']}")
+    return SettingsError("invalid settings:\n  " + "\n  ".join(lines))
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's errors into one message naming each bad setting."""
     unknown = _unknown_settings()
@@ -213,12 +223,7 @@ def load_settings(**overrides: object) -> Settings:
         settings = Settings(**overrides)  # type: ignore[arg-type]
         settings.all_api_keys  # noqa: B018 - parse the keys file now, not on the first request
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            name = "PREFLOOP_" + "__".join(str(p) for p in err["loc"]).upper()
-            value = json.dumps(err.get("input"), default=str)[:80]
-            lines.append(f"{name}={value}: {err['msg']}")
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+        raise settings_error(exc) from None
     except (OSError, yaml.YAMLError) as exc:
         raise SettingsError(f"PREFLOOP_API_KEYS_FILE: cannot read keys: {exc}") from None
     return settings
