@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +27,20 @@ KEYS = [
     ApiKey(key=ADMIN_KEY, name="ops", scopes=["admin"]),
     ApiKey(key=READONLY_KEY, name="voter", scopes=["feedback"]),
 ]
+
+
+def trained_result(tmp_path: Path, name: str, weight: float = 1.0) -> Path:
+    """A folder shaped like a training result: merged weights plus the LoRA adapter."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "runs" / name
+    (out / "weights").mkdir(parents=True)
+    (out / "adapter").mkdir()
+    save_file({"w": torch.full((4, 4), weight)}, str(out / "weights" / "model.safetensors"))
+    save_file({"lora_A": torch.zeros(2, 4)}, str(out / "adapter" / "adapter_model.safetensors"))
+    (out / "weights" / "config.json").write_text("{}")
+    return out
 
 
 def auth(key: str) -> dict[str, str]:

@@ -7,24 +7,11 @@ import asyncio
 import json
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from service.registry import Registry
-from tests.conftest import ADMIN_KEY, CHAT_KEY, auth
+from tests.conftest import ADMIN_KEY, CHAT_KEY, auth, trained_result
 
 QUESTION = [{"role": "user", "content": "Where is my invoice?"}]
-
-
-def trained_result(tmp_path, name: str):
-    """A folder shaped like a training result: merged weights plus the LoRA adapter."""
-    out = tmp_path / "runs" / name
-    (out / "weights").mkdir(parents=True)
-    (out / "adapter").mkdir()
-    save_file({"w": torch.ones(4, 4)}, str(out / "weights" / "model.safetensors"))
-    save_file({"lora_A": torch.zeros(2, 4)}, str(out / "adapter" / "adapter_model.safetensors"))
-    (out / "weights" / "config.json").write_text("{}")
-    return out
 
 
 def publish(registry: Registry, tmp_path, version_id: str, approve: bool = True):
