@@ -1,139 +1,280 @@
-"""`make demo`: serve the embedded model and hold a scripted chat-and-feedback exchange with it,
-through the public HTTP API only, as a chat app would.
+"""`make demo`: the whole loop on the embedded model, driven only through the public HTTP API.
 
-    python -m deploy.demo        (settings from PREFLOOP_...; the port defaults to 8000)
+    python -m deploy.demo          (settings from PREFLOOP_...; runs in <data_dir>/demo, fresh)
 
-It asks a few customer-service questions, compares two answers to one of them, leaves thumbs and a
-pairwise vote, and shows the resulting preference export; then it stops the service.
+1. serve the embedded model with the scheduler running;
+2. measure the simulated users' approval on the held-out prompts;
+3. simulated users chat (n=2 comparisons and thumbs) and vote by the scenario's rubric until the
+   scheduler has enough pairs, trains DPO on Ray Train, gates and promotes the result, while a
+   steady client keeps chatting to count failed requests around the swap;
+4. measure approval again; print a report and write report.json and report.png beside it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import shutil
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 from deploy.bootstrap import ensure_embedded_model
-from service.settings import SettingsError, load_settings
+from deploy.simulation.scenario import load_scenario
+from deploy.simulation.users import ApprovalReport, make_client, measure_approval, run_traffic
+from service.settings import Settings, SettingsError, load_settings
 
-SYSTEM = "You are the support assistant of an online shop. Answer in at most three sentences."
-QUESTIONS = [
-    "How do I cancel my subscription?",
-    "I forgot my password. How can I reset it?",
-    "My parcel has not arrived after ten days. What should I do?",
-]
-
-
-def _wait_ready(client: httpx.Client, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the service did not become ready")
+logger = logging.getLogger("prefloop.demo")
+SEED = 7
+# Four samples per held-out prompt: 32 prompts x 4 = 128 judged answers per measurement.
+SAMPLES_PER_PROMPT = 4
+TRAFFIC_ROUND = 32  # conversations between two looks at the scheduler
+MAX_ROUNDS = 20  # the demo gives up instead of running forever
+CYCLE_TIMEOUT_S = 900
 
 
-def _ask(client: httpx.Client, question: str, n: int = 1) -> dict:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    r = client.post(
-        "/v1/chat/completions",
-        json={"messages": messages, "n": n, "max_tokens": 96, "temperature": 0.8},
-    )
-    r.raise_for_status()
-    return r.json()
+@dataclass
+class SteadyClient:
+    """One chat request after another, to see what a user sees while versions change."""
+
+    base_url: str
+    headers: dict[str, str]
+    results: list[tuple[float, int, str]] = field(default_factory=list)  # (time, status, version)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        body = {
+            "messages": [{"role": "user", "content": "How do I cancel my subscription?"}],
+            "max_tokens": 24,
+            "temperature": 0.0,
+        }
+        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=60) as c:
+            while not self._stop.is_set():
+                try:
+                    r = c.post("/v1/chat/completions", json=body)
+                    version = r.json().get("system_fingerprint", "") if r.status_code == 200 else ""
+                    self.results.append((time.time(), r.status_code, version))
+                except httpx.HTTPError:
+                    self.results.append((time.time(), 0, ""))
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
-def converse(client: httpx.Client) -> None:
-    """The scripted exchange; raises on any unexpected answer from the service."""
-    for question in QUESTIONS:
-        answer = _ask(client, question)
+def demo_settings() -> Settings:
+    base = load_settings()
+    model = base.model_path or ensure_embedded_model(base.data_dir)
+    demo_dir = base.data_dir / "demo"
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    return load_settings(data_dir=demo_dir, model_path=model, database_url=None)
+
+
+def _headers(settings: Settings) -> dict[str, str]:
+    admin = [k for k in settings.all_api_keys if "admin" in k.scopes]
+    if settings.auth_enabled and not admin:
+        raise SettingsError("the demo needs an API key with the admin scope")
+    return {"Authorization": f"Bearer {admin[0].key.get_secret_value()}"} if admin else {}
+
+
+async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
+    from service.runs import recent_runs
+
+    scenario = load_scenario()
+    base_url = f"http://127.0.0.1:{settings.port}"
+    headers = _headers(settings)
+    key = headers.get("Authorization", "")[7:] or None
+    report: dict[str, Any] = {"heldout_prompts": len(scenario.heldout)}
+    async with make_client(base_url, key) as client:
+        before = await measure_approval(
+            client, scenario, scenario.heldout, SAMPLES_PER_PROMPT, SEED
+        )
         print(
-            f"\nuser> {question}\nbot ({answer['system_fingerprint']})> "
-            f"{answer['choices'][0]['message']['content'].strip()}"
+            f"approval before: {before.approval:.1%} of {before.samples} held-out answers "
+            f"(mean {before.mean_words:.0f} words)",
+            flush=True,
         )
-        rating = "up" if answer["choices"][0]["finish_reason"] == "stop" else "down"
-        fb = client.post(
-            "/v1/feedback",
-            json={
-                "type": "thumbs",
-                "response_id": answer["id"],
-                "rating": rating,
-                "user_id": "demo-user",
-            },
-        )
-        fb.raise_for_status()
-        print(f"  thumbs {rating} -> {fb.json()['id']}")
+        steady = SteadyClient(base_url, headers)
+        steady_thread = threading.Thread(target=steady.run, daemon=True)
+        steady_thread.start()
+        traffic = []
+        cycle_started = time.time()
+        for round_no in range(MAX_ROUNDS):
+            if any(r.status != "skipped" for r in recent_runs(ctx.store)):
+                break  # a cycle is queued or running: leave it the CPU
+            stats = await run_traffic(
+                client, scenario, TRAFFIC_ROUND, concurrency=8, seed=SEED + round_no
+            )
+            traffic.append(stats)
+            print(
+                f"traffic round {round_no + 1}: {stats.completed} conversations, "
+                f"{stats.approved}/{stats.answers} answers approved, votes {stats.votes}",
+                flush=True,
+            )
+        run = await asyncio.to_thread(_wait_for_cycle, ctx)
+        steady.stop()
+        steady_thread.join()
+        after: ApprovalReport | None = None
+        if run is not None and run.status == "promoted":
+            after = await measure_approval(
+                client, scenario, scenario.heldout, SAMPLES_PER_PROMPT, SEED
+            )
+            print(
+                f"approval after: {after.approval:.1%} (mean {after.mean_words:.0f} words)",
+                flush=True,
+            )
+    report.update(_summarise(ctx, run, before, after, traffic, steady, cycle_started))
+    return report
 
-    pair = _ask(client, QUESTIONS[0], n=2)
-    texts = [c["message"]["content"] for c in pair["choices"]]
-    # The demo user prefers the shorter, more direct answer.
-    winner = "a" if len(texts[0]) <= len(texts[1]) else "b"
-    vote = {
-        "type": "pairwise",
-        "winner": winner,
-        "user_id": "demo-user",
-        "a": {"response_id": pair["id"], "choice_index": 0},
-        "b": {"response_id": pair["id"], "choice_index": 1},
-        "idempotency_key": f"demo-{pair['id']}",
+
+def _wait_for_cycle(ctx: Any):
+    from service.runs import recent_runs
+
+    deadline = time.time() + CYCLE_TIMEOUT_S
+    while time.time() < deadline:
+        done = [
+            r for r in recent_runs(ctx.store) if r.finished_at is not None and r.status != "skipped"
+        ]
+        if done:
+            return done[0]
+        time.sleep(2)
+    return None
+
+
+def _summarise(ctx, run, before, after, traffic, steady, cycle_started) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "approval_before": before.approval,
+        "approval_after": after.approval if after else None,
+        "words_before": before.mean_words,
+        "words_after": after.mean_words if after else None,
+        "conversations": sum(t.completed for t in traffic),
+        "traffic_failures": sum(t.failures for t in traffic),
+        "steady_requests": len(steady.results),
+        "steady_failures": sum(1 for _, status, _ in steady.results if status != 200),
     }
-    for attempt in ("sent", "retried"):
-        r = client.post("/v1/feedback", json=vote)
-        r.raise_for_status()
-        print(
-            f"  pairwise vote {attempt}: {r.status_code} {r.json()['id']}"
-            f" replayed={r.json()['replayed']}"
+    if run is None:
+        out["run"] = None
+        return out
+    version = ctx.registry.get(run.candidate_version_id) if run.candidate_version_id else None
+    gate = version.metrics.get("gate", {}) if version else {}
+    out["run"] = {
+        "id": run.id,
+        "status": run.status,
+        "error": run.error,
+        "stages_s": run.stages,
+        "candidate": run.candidate_version_id,
+        "steps": run.step_metrics,
+        "heldout": gate.get("heldout"),
+        "canary": gate.get("canary"),
+    }
+    out["cycle_s"] = round((run.finished_at.timestamp() - run.started_at.timestamp()), 1)
+    out["feedback_to_served_s"] = round(run.finished_at.timestamp() - cycle_started, 1)
+    if run.status == "promoted":
+        promoted_at = ctx.registry.history(1)[0].created_at.timestamp()
+        first_new = next(
+            (
+                t
+                for t, status, v in steady.results
+                if status == 200 and v == run.candidate_version_id
+            ),
+            None,
         )
+        out["swap_s"] = round(first_new - promoted_at, 2) if first_new else None
+        out["failed_during_swap"] = sum(
+            1 for t, status, _ in steady.results if abs(t - promoted_at) < 10 and status != 200
+        )
+    return out
 
-    export = client.get("/v1/preferences/export", params={"format": "trl"})
-    export.raise_for_status()
-    rows = [json.loads(line) for line in export.text.splitlines()]
-    print(
-        f"\nexport (TRL preference format): {len(rows)} pair(s); last chosen answer:\n  "
-        f"{rows[-1]['chosen'][0]['content'].strip()[:200]}"
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = (report.get("run") or {}).get("steps") or []
+    for key in ("loss", "rewards/accuracies", "rewards/margins"):
+        points = [(i + 1, s[key]) for i, s in enumerate(steps) if key in s]
+        if points:
+            curves.plot(*zip(*points, strict=True), label=key, marker=".")
+    curves.set(title="DPO training", xlabel="step")
+    curves.legend()
+    labels = ["base"] + (
+        [report["run"]["candidate"]] if report.get("approval_after") is not None else []
     )
+    values = [report["approval_before"]] + (
+        [report["approval_after"]] if report.get("approval_after") is not None else []
+    )
+    bars.bar([label[:18] for label in labels], [v * 100 for v in values], color=["grey", "teal"])
+    bars.set(title="held-out approval by version", ylabel="% approved", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    run = report.get("run") or {}
+    before, after = report["approval_before"], report.get("approval_after")
+    lines = [
+        "",
+        "prefloop demo report",
+        "--------------------",
+        f"held-out approval before: {before:.1%}",
+        f"held-out approval after:  {after:.1%}  ({(after - before) * 100:+.1f} points)"
+        if after is not None
+        else "held-out approval after:  (no new version served)",
+        f"training run: {run.get('id')} {run.get('status')}"
+        + (f" ({run.get('error')})" if run.get("error") else ""),
+        f"held-out preference accuracy: {(run.get('heldout') or {}).get('accuracy')}",
+        f"cycle time: {report.get('cycle_s')} s (stages {run.get('stages_s')})",
+        f"first vote to new version serving: {report.get('feedback_to_served_s')} s",
+        f"swap time (promotion -> first response from it): {report.get('swap_s')} s",
+        f"requests failed during the swap: {report.get('failed_during_swap')}; "
+        f"in the whole demo: {report['steady_failures'] + report['traffic_failures']} of "
+        f"{report['steady_requests']} steady + the traffic's requests",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
-        settings = load_settings()
+        settings = demo_settings()
     except SettingsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
-    if settings.model_path is None:
-        ensure_embedded_model(settings.data_dir)
-    headers = {}
-    if settings.auth_enabled:
-        admin = [k for k in settings.all_api_keys if "admin" in k.scopes]
-        if not admin:
-            print(
-                "demo: the demo exports preferences and needs a key with the admin scope",
-                file=sys.stderr,
-            )
-            return 2
-        headers["Authorization"] = f"Bearer {admin[0].key.get_secret_value()}"
+    from deploy.loop import cycle_context
     from service import deployment
+    from training.scheduler import Scheduler
 
     started = time.monotonic()
     deployment.deploy(settings)
+    ctx = cycle_context(settings)
+    ctx.settings.scheduler.poll_s = 2.0
+    scheduler = Scheduler(ctx)
+    scheduler.start()
     try:
-        base_url = f"http://127.0.0.1:{settings.port}"
-        with httpx.Client(base_url=base_url, headers=headers, timeout=120) as client:
-            _wait_ready(client)
-            print(
-                f"prefloop is serving on port {settings.port} "
-                f"(ready after {time.monotonic() - started:.0f} s)"
-            )
-            converse(client)
+        print(
+            f"prefloop is serving on port {settings.port} "
+            f"({time.monotonic() - started:.0f} s to start)",
+            flush=True,
+        )
+        report = asyncio.run(drive(settings, ctx))
     finally:
+        scheduler.stop()
         deployment.shutdown()
-    print("\ndemo complete")
+    report["demo_s"] = round(time.monotonic() - started, 1)
+    out = settings.data_dir
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    plot(report, out / "report.png")
+    print_report(report)
+    print(f"demo took {report['demo_s']} s; report: {out / 'report.json'}, {out / 'report.png'}")
     return 0
 
 

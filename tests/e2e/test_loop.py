@@ -1,0 +1,219 @@
+"""End to end: the learning loop over HTTP on the real service, and swaps under load.
+
+- feedback in through the API, a DPO cycle on Ray Train (snapshot, train, merge, gate with a vLLM
+  canary), promotion, and the next responses carry the new version; then a rollback;
+- promotion and rollback while a client streams steady chat traffic: every request succeeds and
+  each response's text and version agree with one version.
+
+The cycle's gate thresholds are opened here (a few pairs cannot show quality); the demo measures
+quality. Run (several minutes on a 2-core CPU):
+
+    pytest tests/e2e/test_loop.py -m e2e -p no:randomly
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+
+from service.registry import Registry
+from service.settings import EngineSettings, Settings
+from service.store import Store
+from tests.conftest import ADMIN_KEY, CHAT_KEY, KEYS, auth
+from tests.e2e.conftest import Service, free_port, wait_ready
+from training.config import GateConfig, SchedulerConfig, TrainConfig, TrainingSettings
+from training.cycle import CycleContext
+from training.scheduler import tick
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
+
+QUESTIONS = [
+    "How do I cancel my subscription?",
+    "How can I reset my password?",
+    "Where is my parcel?",
+    "How do I get a refund?",
+    "How do I change my email address?",
+    "How can I download an invoice?",
+    "How do I apply a promo code?",
+    "How do I return an item?",
+]
+PROBE = [{"role": "user", "content": "How do I cancel my subscription?"}]
+
+
+@pytest.fixture(scope="module")
+def loop_service(tmp_path_factory: pytest.TempPathFactory):
+    from deploy.bootstrap import ensure_embedded_model
+    from service import deployment
+
+    data_dir = tmp_path_factory.mktemp("loop-data")
+    settings = Settings(
+        port=free_port(),
+        data_dir=data_dir,
+        model_path=ensure_embedded_model(Settings().data_dir),
+        api_keys=KEYS,
+        ray_address="local",
+        engine=EngineSettings(kv_cache_space_gib=1, max_num_seqs=16),
+    )
+    store = Store(settings.resolved_database_url)
+    try:
+        deployment.deploy(settings)
+        wait_ready(f"http://127.0.0.1:{settings.port}")
+        yield Service(settings, store)
+    finally:
+        store.close()
+        deployment.shutdown()
+
+
+def chat(svc: Service, messages, **params) -> dict:
+    r = httpx.post(
+        f"{svc.base_url}/v1/chat/completions",
+        headers=auth(CHAT_KEY),
+        timeout=120,
+        json={"messages": messages, "max_tokens": 32, **params},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def promote(svc: Service, version: str) -> dict:
+    r = httpx.post(
+        f"{svc.base_url}/v1/admin/versions/{version}/promote", headers=auth(ADMIN_KEY), timeout=60
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.timeout(1500)
+def test_feedback_to_new_version_and_back(loop_service: Service):
+    svc = loop_service
+    for i, q in enumerate(QUESTIONS * 2):
+        body = chat(svc, [{"role": "user", "content": q}], n=2, seed=i, temperature=1.0)
+        texts = [c["message"]["content"] for c in body["choices"]]
+        # Any fixed rule will do here: the shorter answer wins.
+        vote = {
+            "type": "pairwise",
+            "winner": "a" if len(texts[0]) <= len(texts[1]) else "b",
+            "a": {"response_id": body["id"], "choice_index": 0},
+            "b": {"response_id": body["id"], "choice_index": 1},
+        }
+        r = httpx.post(f"{svc.base_url}/v1/feedback", json=vote, headers=auth(CHAT_KEY))
+        assert r.status_code == 201, r.text
+
+    queued = httpx.post(f"{svc.base_url}/v1/admin/train", headers=auth(ADMIN_KEY))
+    assert queued.status_code == 202, queued.text
+    ctx = CycleContext(
+        registry=Registry(svc.store, svc.settings.data_dir),
+        settings=TrainingSettings(
+            data_dir=svc.settings.data_dir,
+            train=TrainConfig(epochs=1, batch_size=4),
+            gate=GateConfig(min_accuracy=0.0, min_margin=-1e9),
+            scheduler=SchedulerConfig(enabled=False),
+        ),
+        database_url=svc.settings.resolved_database_url,
+        tokenizer_path=svc.settings.resolved_model_path,
+    )
+    run = tick(ctx)
+    assert run is not None and run.id == queued.json()["id"]
+    assert run.status == "promoted", run.error
+    assert run.step_metrics and "loss" in run.step_metrics[0]
+    assert set(run.stages) >= {"snapshot", "train", "register", "gate", "promote"}
+    new = run.candidate_version_id
+
+    deadline = time.monotonic() + 2.0
+    while chat(svc, PROBE)["system_fingerprint"] != new:
+        assert time.monotonic() < deadline, "replica did not serve the new version within 2 s"
+    status = httpx.get(f"{svc.base_url}/v1/admin/status", headers=auth(ADMIN_KEY)).json()
+    assert status["served_version"]["id"] == new
+    assert status["last_run"]["status"] == "promoted"
+    gate = status["served_version"]["metrics"]["gate"]
+    assert gate["canary"].strip() and gate["heldout"]["pairs"] >= 0
+
+    back = promote(svc, "base")
+    assert back["action"] == "rollback" and back["serving"] == "base"
+    assert {chat(svc, PROBE)["system_fingerprint"] for _ in range(3)} == {"base"}
+
+
+def noisy_copy(registry: Registry, name: str) -> str:
+    """An approved version whose weights are the base's plus noise: a different greedy answer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = registry.weights_path(registry.get("base"))
+    out = registry.data_dir / "scratch" / name
+    shutil.copytree(base, out / "weights")
+    weights = out / "weights" / "model.safetensors"
+    tensors = load_file(str(weights))
+    gen = torch.Generator().manual_seed(0)
+    noisy = {
+        k: (v.float() + 0.02 * torch.randn(v.shape, generator=gen)).to(v.dtype)
+        for k, v in tensors.items()
+    }
+    save_file(noisy, str(weights), metadata={"format": "pt"})
+    registry.publish(
+        version_id=name,
+        parent=registry.get("base"),
+        source=out,
+        kind="full",
+        algorithm="test",
+        snapshot_id=None,
+        config={},
+        metrics={},
+    )
+    registry.judge(name, approved=True, reason=None, metrics={})
+    return name
+
+
+@pytest.mark.timeout(900)
+def test_swaps_under_steady_load(loop_service: Service):
+    svc = loop_service
+    registry = Registry(svc.store, svc.settings.data_dir)
+    other = noisy_copy(registry, "v-noisy")
+    greedy = {"messages": PROBE, "temperature": 0.0, "max_tokens": 24}
+    expected = {}
+    for version in ("base", other, "base"):
+        assert promote(svc, version)["serving"] == version
+        expected[version] = chat(svc, **greedy)["choices"][0]["message"]["content"]
+    assert expected["base"] != expected[other], "the two versions must answer differently"
+
+    results: list[tuple[int, str, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=svc.base_url, headers=auth(CHAT_KEY), timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/chat/completions", json=greedy)
+                body = r.json() if r.status_code == 200 else {}
+                results.append(
+                    (
+                        r.status_code,
+                        body.get("system_fingerprint", ""),
+                        body.get("choices", [{}])[0].get("message", {}).get("content"),
+                    )
+                )
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    swap_s = []
+    try:
+        for version in (other, "base", other, "base"):
+            time.sleep(2.0)
+            start = time.monotonic()
+            assert promote(svc, version)["serving"] == version
+            swap_s.append(time.monotonic() - start)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert len(results) > 20
+    assert [r for r in results if r[0] != 200] == []
+    for _, version, text in results:
+        assert text == expected[version], f"{version} answered {text!r}"
+    assert {v for _, v, _ in results} == {"base", other}
+    assert max(swap_s) < 2.0, swap_s
