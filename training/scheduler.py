@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 def due_trigger(ctx: CycleContext, now: float | None = None) -> str | None:
     """'count' or 'interval' when an automatic cycle is due, else None."""
     cfg = ctx.settings.scheduler
-    usable = preference_sets.build(ctx.store, ctx.settings.snapshot).usable
+    pset = preference_sets.build(ctx.store, ctx.settings.snapshot)
+    # What a cycle could train on: held-out rows only evaluate.
+    usable = len(pset.pairs_train) or len(pset.kto_train)
     if usable >= cfg.min_new_items:
         return "count"
     finished = [r.finished_at for r in recent_runs(ctx.store) if r.finished_at is not None]
