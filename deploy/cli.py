@@ -5,6 +5,7 @@
                                   serve until stopped
     prefloop train [--queue]      run one training cycle now, with a progress bar (or queue it
                                   for the scheduler of a running `prefloop serve`)
+    prefloop train --if-due       run a cycle only if one is queued or due (a periodic job)
     prefloop versions             list model versions
     prefloop promote VERSION      serve VERSION on every replica (a rollback is the same)
     prefloop status               served version, pending feedback, last and current runs
@@ -70,15 +71,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from deploy.loop import cycle_context, run_with_progress
     from service.errors import Conflict
-    from service.runs import queue_run
+    from service.runs import queue_run, recent_runs
+    from service.store import TrainingRun
+    from training.scheduler import due_trigger
 
     settings = load_settings(**_overrides(args))
     ctx = cycle_context(settings)
+    run: TrainingRun | None = None
+    trigger: str | None = "manual"
+    if args.if_due:
+        # The periodic entry point (a CronJob): a queued run, or an automatic one if due.
+        run = next((r for r in recent_runs(ctx.store) if r.status == "queued"), None)
+        if run is None:
+            trigger = due_trigger(ctx)
+            if trigger is None:
+                print("no training due")
+                return 0
     try:
-        run = queue_run(ctx.store, "manual", "cli")
+        if run is None:
+            run = queue_run(ctx.store, trigger or "manual", "cli")
     except Conflict as exc:
         print(f"prefloop: {exc.message}", file=sys.stderr)
-        return 1
+        return 0 if args.if_due else 1
     if args.queue:
         print(f"queued {run.id}; a running `prefloop serve` picks it up")
         return 0
@@ -98,7 +112,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
-    return 0 if run.status in ("promoted", "approved") else 1
+    # A rejected candidate is the gate working, not a failed job.
+    return 1 if run.status == "failed" else 0
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
@@ -159,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run one training cycle now")
     train.add_argument(
         "--queue", action="store_true", help="only queue it for a running `prefloop serve`"
+    )
+    train.add_argument(
+        "--if-due",
+        dest="if_due",
+        action="store_true",
+        help="run the queued cycle, or one the scheduler's thresholds call for; otherwise do "
+        "nothing (for a periodic job)",
     )
     train.set_defaults(run=_cmd_train)
     sub.add_parser("versions", help="list model versions").set_defaults(run=_cmd_versions)

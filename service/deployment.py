@@ -15,7 +15,7 @@ from service.app import build_app
 from service.auth import Authenticator
 from service.engine import VllmEngine
 from service.registry import Registry
-from service.settings import Settings
+from service.settings import Settings, SettingsError, load_settings
 from service.store import Store
 
 logger = logging.getLogger(__name__)
@@ -65,17 +65,39 @@ def application(settings: Settings) -> serve.Application:
     return deployment.bind(settings)
 
 
+def prepare_store(settings: Settings) -> str:
+    """Migrate the store and register the base model; returns the version to serve."""
+    store = Store(settings.resolved_database_url)
+    try:
+        store.upgrade()
+        registry = Registry(store, settings.data_dir)
+        registry.ensure_base(settings.resolved_model_path)
+        return registry.served().version.id
+    finally:
+        store.close()
+
+
+def app_from_env(args: dict[str, str]) -> serve.Application:
+    """Builder for config-driven deploys (`serve deploy deploy/serve_config.yaml`, KubeRay's
+    `serveConfigV2`): every setting comes from the `PREFLOOP_` environment of the Ray node."""
+    if args:
+        raise SettingsError(
+            f"app_from_env takes no args (got {sorted(args)}); set PREFLOOP_ variables instead"
+        )
+    settings = load_settings()
+    if not settings.auth_enabled:
+        # A config deploy binds Serve's proxy wherever the config says, not only to loopback.
+        raise SettingsError("no API keys: set PREFLOOP_API_KEYS_FILE (a mounted Secret)")
+    prepare_store(settings)
+    return application(settings)
+
+
 def deploy(settings: Settings) -> None:
     """Migrate the store, start or join Ray, start Serve's proxy and run the app (returns when
     every replica is up)."""
     import ray
 
-    store = Store(settings.resolved_database_url)
-    store.upgrade()
-    registry = Registry(store, settings.data_dir)
-    registry.ensure_base(settings.resolved_model_path)
-    version = registry.served().version.id
-    store.close()
+    version = prepare_store(settings)
     if not settings.auth_enabled:
         logger.warning(
             "no API keys configured: the API is open to anyone who can reach it, so it "
