@@ -122,6 +122,7 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 database_url=ctx.database_url,
             )
             result = run_training(job)
+            shutil.rmtree(out / "ray_results", ignore_errors=True)  # Ray's records, not a result
             if cfg.train.lora:
                 merge_adapter(base_weights, out / "adapter", out / "weights", ctx.tokenizer_path)
 

@@ -1,0 +1,149 @@
+"""Tiny models for trainer and evaluation tests: a random-weight 2-layer Llama (hidden 64) with a
+byte-level tokenizer (256 byte tokens + 3 specials) and a ChatML chat template, built from code.
+
+Nothing is read from a model hub or the embedded model folder; building both takes well under a
+second.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from training.config import TrainConfig
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QUESTIONS = [
+    "How do I reset my password?",
+    "How do I cancel my plan?",
+    "Where is my invoice?",
+    "How do I change my email?",
+]
+DIRECT = "Open Settings, pick Account, press Reset and follow the email."
+PITCH = "Before you go, did you know Premium gives you 20% off this month?"
+
+
+def build_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|im_start|>", "<|im_end|>", "<pad>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved HF folder (safetensors, float32, tied embeddings) like the embedded model's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)  # float32, torch's default
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def parent_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A served LoRA version: rank 4, every linear layer, random A and B (so it moves the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("parent-adapter")
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
+    get_peft_model(base, config).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def pair_rows() -> list[dict]:
+    """Four TRL conversational pairs: chosen = direct steps, rejected = a retention pitch."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": DIRECT}],
+            "rejected": [{"role": "assistant", "content": PITCH}],
+        }
+        for q in QUESTIONS
+    ]
+
+
+@pytest.fixture
+def kto_rows() -> list[dict]:
+    """Four TRL conversational KTO rows, two desirable and two not, alternating."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "completion": [{"role": "assistant", "content": DIRECT if i % 2 == 0 else PITCH}],
+            "label": i % 2 == 0,
+        }
+        for i, q in enumerate(QUESTIONS)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., TrainConfig]:
+    """TrainConfig for the tiny model: short sequences, float32, one epoch; override any field."""
+
+    def make(**overrides: Any) -> TrainConfig:
+        values: dict[str, Any] = {
+            "epochs": 1.0,
+            "batch_size": 2,
+            "lora_rank": 4,
+            "lora_alpha": 8,
+            "max_length": 192,
+            "max_prompt_length": 96,
+            "bf16": False,
+            "cpus_per_worker": 2.0,
+            "learning_rate": 1e-3,
+        }
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make

@@ -1,0 +1,577 @@
+"""DPO / KTO training as a Ray Train job: TRL's trainers inside a `TorchTrainer`.
+
+`run_training(job)` is the driver side: it starts `train_loop` on `config.num_workers` Ray Train
+workers and returns the saved artifact's folder with the per-step metrics. `train_loop` is the
+per-worker function; it also runs without Ray (one process), which the tests use:
+
+    from training.trainer import TrainJob, run_training
+    result = run_training(TrainJob(run_id="r1", algorithm="dpo", base_model_path=base,
+                                   parent_adapter_path=None, train_file=pairs_jsonl,
+                                   output_dir=out, config=TrainConfig()))
+
+LoRA by default. A fresh adapter is trained against the base model; when the served version is
+itself an adapter, that adapter is trained further against a frozen copy of it (TRL adds it as the
+"ref" adapter), so every version stays one LoRA on the base, which vLLM serves directly. Full
+fine-tuning (`config.lora=False`) trains all weights against a frozen copy of the starting model.
+
+Resources: each worker asks Ray for `cpus_per_worker` CPUs (and one GPU with `use_gpu`). On the
+2-CPU embedded box a local Ray cluster has 2 logical CPUs, so the one default worker (2 CPUs)
+fits only when nothing else holds CPUs there: give the Serve replicas `num_cpus=0` on that box. A
+worker that cannot be placed waits, so `run_training` warns when the cluster is too small.
+torch, transformers, trl, peft and ray are imported inside the functions: this module imports fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "train_metrics.json"
+REQUIRED_KEYS = {"dpo": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label")}
+
+
+class TrainingError(RuntimeError):
+    """A training run failed; the message names the run and the cause."""
+
+
+@dataclass
+class TrainJob:
+    """One training run. `algorithm` wins over `config.algorithm`: the scheduler picks it per
+    preference set (KTO when it has no pairs)."""
+
+    run_id: str
+    algorithm: Literal["dpo", "kto"]
+    base_model_path: Path  # HF folder of the full weights the served version runs on
+    parent_adapter_path: Path | None  # LoRA folder of the served version; None: it is the base
+    train_file: Path  # JSONL of TRL conversational rows (pairs for dpo, labelled rows for kto)
+    output_dir: Path  # receives the adapter (or full weights) and train_metrics.json
+    config: TrainConfig = field(default_factory=TrainConfig)
+    # When set, rank 0 appends every logged step to TrainingRun(run_id).step_metrics.
+    database_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in REQUIRED_KEYS:
+            raise ValueError(f"algorithm must be 'dpo' or 'kto', got {self.algorithm!r}")
+        if self.algorithm == "kto" and self.config.batch_size < 2:
+            # KTO estimates its KL term from mismatched pairs inside a batch.
+            raise ValueError(
+                f"train.batch_size ({self.config.batch_size}) must be at least 2 for KTO; raise it"
+            )
+        for name in ("base_model_path", "train_file", "output_dir"):
+            setattr(self, name, Path(getattr(self, name)))
+        if self.parent_adapter_path is not None:
+            self.parent_adapter_path = Path(self.parent_adapter_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types, to cross the process boundary as `train_loop_config`."""
+        parent = self.parent_adapter_path
+        return {
+            "run_id": self.run_id,
+            "algorithm": self.algorithm,
+            "base_model_path": str(self.base_model_path),
+            "parent_adapter_path": str(parent) if parent is not None else None,
+            "train_file": str(self.train_file),
+            "output_dir": str(self.output_dir),
+            "config": self.config.model_dump(mode="json"),
+            "database_url": self.database_url,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainJob:
+        parent = data.get("parent_adapter_path")
+        return cls(
+            run_id=data["run_id"],
+            algorithm=data["algorithm"],
+            base_model_path=Path(data["base_model_path"]),
+            parent_adapter_path=Path(parent) if parent else None,
+            train_file=Path(data["train_file"]),
+            output_dir=Path(data["output_dir"]),
+            config=TrainConfig.model_validate(data["config"]),
+            database_url=data.get("database_url"),
+        )
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step_metrics: list[dict[str, float]]
+    summary: dict[str, Any]
+
+
+# --- driver side ---------------------------------------------------------------------------------
+
+
+def run_training(job: TrainJob) -> TrainResult:
+    """Run `train_loop` as a Ray Train `TorchTrainer` job and return what rank 0 saved.
+
+    Uses the Ray cluster the caller connected to with `ray.init()`, or starts a local one. Ray's
+    own run records go to `<output_dir.parent>/ray_results/<run_id>`. With several workers on
+    several nodes, `output_dir` must be on storage they all share. Raises `TrainingError` when a
+    worker fails.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = job.config
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    if not ray.is_initialized():
+        ray.init()
+    _warn_if_too_small(ray.cluster_resources(), cfg.num_workers, resources)
+
+    # Ray Train reroutes workers' print() to its logger even while a library captures stdout:
+    # `datasets` fingerprints TRL's map functions through dill, which disassembles them into a
+    # captured stdout, and hundreds of bytecode lines reach the console. We log, never print.
+    # Ray passes the variable from the driver to the workers; a value the user set wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    output_dir = job.output_dir.resolve()
+    job = TrainJob.from_dict({**job.to_dict(), "output_dir": str(output_dir)})
+    trainer = TorchTrainer(
+        # Ray Train 2.x hands rank 0's return value back as `Result.return_value`; the type of
+        # the parameter still says None.
+        train_loop,  # type: ignore[arg-type]
+        train_loop_config=job.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(name=job.run_id, storage_path=str(output_dir.parent / "ray_results")),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray raises TrainingFailedError (worker or controller failure)
+        raise TrainingError(f"training run {job.run_id} failed: {exc}") from exc
+    if getattr(result, "error", None) is not None:
+        raise TrainingError(f"training run {job.run_id} failed: {result.error}")
+
+    report = getattr(result, "return_value", None)
+    if not isinstance(report, dict):
+        # Older Ray Train returns nothing from the workers; rank 0 also wrote the file.
+        report = json.loads((output_dir / METRICS_FILE).read_text())
+    return TrainResult(
+        output_dir=output_dir,
+        step_metrics=list(report.get("step_metrics", [])),
+        summary={k: v for k, v in report.items() if k != "step_metrics"},
+    )
+
+
+def _warn_if_too_small(
+    cluster: dict[str, float], workers: int, per_worker: dict[str, float]
+) -> None:
+    # A warning, not an error: an autoscaling cluster (KubeRay) adds nodes for pending workers.
+    for resource, amount in per_worker.items():
+        if cluster.get(resource, 0.0) < workers * amount:
+            logger.warning(
+                "the Ray cluster has %s %s in all but the job asks for %s x %s; the workers will "
+                "wait until they fit (lower train.cpus_per_worker / train.num_workers, or start "
+                "Ray with more logical CPUs)",
+                cluster.get(resource, 0.0),
+                resource,
+                workers,
+                amount,
+            )
+
+
+# --- worker side ---------------------------------------------------------------------------------
+
+
+def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
+    """Train on one worker (or in this process without Ray); rank 0 saves and reports.
+
+    Returns (on every rank) the summary that rank 0 writes to `train_metrics.json`, with the
+    per-step metrics under "step_metrics".
+    """
+    import torch
+
+    job = TrainJob.from_dict(job_dict)
+    cfg = job.config
+    # Ray Train workers start with one OpenMP thread: use the CPUs the worker was given.
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    ray_context = _ray_train_context()
+    rank = ray_context.get_world_rank() if ray_context is not None else 0
+    if ray_context is not None:
+        # The worker's output goes to the driver's console: no per-map progress bars there.
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_supported(cfg.use_gpu)
+
+    tokenizer = _load_tokenizer(job.base_model_path)
+    rows = _read_rows(job.train_file, job.algorithm)
+    rows, shortened, dropped = fit_prompts(rows, tokenizer, cfg.max_prompt_length)
+    if not rows:
+        raise ValueError(
+            f"no row of {job.train_file} has a prompt that fits train.max_prompt_length "
+            f"({cfg.max_prompt_length}); raise it"
+        )
+    model, peft_config, ref_model, save_dtype = _load_model(job, use_bf16)
+
+    from datasets import Dataset
+
+    sink = _StepSink(job.run_id, job.database_url if rank == 0 else None, ray_context)
+    scratch = tempfile.TemporaryDirectory(prefix=f"prefloop-{job.run_id}-")
+    try:
+        trainer = _build_trainer(
+            job,
+            model,
+            ref_model,
+            peft_config,
+            tokenizer,
+            Dataset.from_list(rows),
+            scratch.name,
+            use_bf16,
+            callback=sink.callback(),
+        )
+        if ray_context is not None:
+            from ray.train.huggingface.transformers import prepare_trainer
+
+            trainer = prepare_trainer(trainer)
+        output = trainer.train()
+    finally:
+        sink.close()
+        scratch.cleanup()
+
+    summary: dict[str, Any] = {
+        "run_id": job.run_id,
+        "algorithm": job.algorithm,
+        "rows": len(rows),
+        "rows_dropped": dropped,
+        "prompts_shortened": shortened,
+        "lora": cfg.lora,
+        "parent_adapter": str(job.parent_adapter_path) if job.parent_adapter_path else None,
+        "bf16": use_bf16,
+        "world_size": ray_context.get_world_size() if ray_context is not None else 1,
+        "torch_threads": torch.get_num_threads(),
+        "global_step": output.global_step,
+        **{k: v for k, v in output.metrics.items() if isinstance(v, int | float)},
+        "final": sink.steps[-1] if sink.steps else {},
+        "peak_rss_mb": _peak_rss_mb(),
+        "step_metrics": sink.steps,
+    }
+    if rank == 0:
+        _save(trainer.model, tokenizer, job, save_dtype)
+        (job.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("run %s saved to %s (%s steps)", job.run_id, job.output_dir, len(sink.steps))
+    return summary
+
+
+def bf16_supported(use_gpu: bool) -> bool:
+    """Whether the hardware computes in bf16 natively (what `TrainConfig.bf16=None` resolves to).
+
+    GPU: `torch.cuda.is_bf16_supported()`. CPU: AVX512-BF16 or AMX on x86, the `bf16` feature on
+    Arm. Without them PyTorch emulates bf16 and training gets slower, not faster.
+    """
+    import torch
+
+    if use_gpu:
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def fit_prompts(
+    rows: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Make every templated prompt fit `max_prompt_length` tokens (TRL 1.16 has no such option).
+
+    The oldest turns go first (system messages stay); a row whose last turn alone is too long is
+    dropped. Returns (rows, prompts shortened, rows dropped).
+    """
+    kept: list[dict[str, Any]] = []
+    shortened = dropped = 0
+    for row in rows:
+        messages = list(row["prompt"])
+        cut = False
+        while _prompt_tokens(tokenizer, messages) > max_prompt_length:
+            turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+            if len(turns) <= 1:
+                messages = []
+                break
+            del messages[turns[0]]
+            # A conversation restarts on a user turn.
+            while (turns := [i for i, m in enumerate(messages) if m.get("role") != "system"]) and (
+                len(turns) > 1 and messages[turns[0]].get("role") == "assistant"
+            ):
+                del messages[turns[0]]
+            cut = True
+        if not messages:
+            dropped += 1
+            continue
+        shortened += cut
+        kept.append({**row, "prompt": messages})
+    if dropped:
+        logger.warning("%s rows dropped: prompt over %s tokens", dropped, max_prompt_length)
+    return kept, shortened, dropped
+
+
+def _prompt_tokens(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    return len(out["input_ids"])
+
+
+def _read_rows(path: Path, algorithm: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [k for k in REQUIRED_KEYS[algorithm] if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: a {algorithm} row needs {missing}")
+            rows.append({k: row[k] for k in REQUIRED_KEYS[algorithm]})
+    if not rows:
+        raise ValueError(f"{path} holds no training rows")
+    return rows
+
+
+def _ray_train_context() -> Any:
+    """The Ray Train context when running inside a Ray Train worker, else None."""
+    if "ray" not in sys.modules:  # a Ray worker has imported ray before calling us
+        return None
+    import ray.train
+
+    try:
+        return ray.train.get_context()
+    except RuntimeError:
+        return None
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(job: TrainJob, use_bf16: bool) -> tuple[Any, Any, Any, Any]:
+    """(model, peft_config, ref_model, dtype to save full weights in).
+
+    LoRA: the frozen base is loaded in bf16 when bf16 is on (PEFT keeps the adapter in float32).
+    A served adapter keeps its own rank, alpha and dropout; the config's apply to new ones.
+    Full fine-tuning keeps float32 master weights (bf16 runs as autocast): bf16 weights would round
+    away updates of lr-sized steps. Its reference is a frozen copy of the starting model, or none
+    with precomputed reference log-probs (TRL computes them from the model before training).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = job.config
+    stored = getattr(AutoConfig.from_pretrained(str(job.base_model_path)), "dtype", None)
+    save_dtype = getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
+    dtype = torch.bfloat16 if use_bf16 and cfg.lora else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(str(job.base_model_path), dtype=dtype)
+
+    if cfg.lora:
+        if job.parent_adapter_path is not None:
+            from peft import PeftModel
+
+            # TRL sees a PeftModel and adds a frozen copy of this adapter as the reference.
+            model = PeftModel.from_pretrained(
+                model, str(job.parent_adapter_path), is_trainable=True
+            )
+            return model, None, None, save_dtype
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        return model, peft_config, None, save_dtype
+
+    if job.parent_adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(job.parent_adapter_path)).merge_and_unload()
+    ref_model = None
+    if not cfg.precompute_ref_log_probs:
+        # Explicit, because TRL would otherwise reload the base from disk, which after a merge is
+        # not the starting model.
+        import copy
+
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    return model, None, ref_model, save_dtype
+
+
+def _build_trainer(
+    job: TrainJob,
+    model: Any,
+    ref_model: Any,
+    peft_config: Any,
+    tokenizer: Any,
+    dataset: Any,
+    scratch: str,
+    use_bf16: bool,
+    callback: Any,
+) -> Any:
+    cfg = job.config
+    common: dict[str, Any] = {
+        "output_dir": scratch,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.epochs,
+        "per_device_train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "beta": cfg.beta,
+        "max_length": cfg.max_length,
+        "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+        "bf16": use_bf16,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "use_cpu": not cfg.use_gpu,
+        # TRL turns it on by default. On CPU the models that fit are compute-bound, and
+        # recomputing activations (about 20% slower, per TRL) buys memory that isn't short.
+        "gradient_checkpointing": cfg.use_gpu,
+        # TRL zeroes every dropout module by default, LoRA's included: keep them when the config
+        # asks for LoRA dropout, or the setting would silently do nothing.
+        "disable_dropout": not (cfg.lora and cfg.lora_dropout > 0),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,  # tokenized rows are in memory; workers would only fork
+        "dataloader_pin_memory": cfg.use_gpu,
+    }
+    if job.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer_cls: Any = DPOTrainer
+        args: Any = DPOConfig(**common, loss_type=[cfg.loss_type])
+    else:
+        from trl import KTOConfig, KTOTrainer
+
+        trainer_cls = KTOTrainer
+        args = KTOConfig(**common)
+    from transformers import PrinterCallback
+
+    trainer = trainer_cls(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
+    # With tqdm off, transformers prints every log dict to stdout; the step sink logs them.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _save(model: Any, tokenizer: Any, job: TrainJob, save_dtype: Any) -> None:
+    """safetensors only. LoRA: the trained adapter alone (not TRL's "ref" copy); full: weights and
+    tokenizer, in the dtype the base was stored in."""
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    if job.config.lora:
+        model.save_pretrained(
+            str(job.output_dir),
+            safe_serialization=True,
+            selected_adapters=["default"],
+            save_embedding_layers=False,
+        )
+        # PEFT also writes a model card; the artifact is the adapter (its manifest is ours).
+        (job.output_dir / "README.md").unlink(missing_ok=True)
+        return
+    model.to(save_dtype).save_pretrained(str(job.output_dir))
+    tokenizer.save_pretrained(str(job.output_dir))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    # ru_maxrss is KiB on Linux (bytes on macOS, where this reads 1024x too high).
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class _StepSink:
+    """Collects each logged training step; reports it to Ray Train on every rank (a report is a
+    barrier across workers) and appends it to the run's row in the store when given a URL."""
+
+    def __init__(self, run_id: str, database_url: str | None, ray_context: Any):
+        self.run_id = run_id
+        self.steps: list[dict[str, float]] = []
+        self._ray = ray_context is not None
+        self._store: Any = None
+        self._store_failed = False
+        if database_url:
+            from service.store import Store
+
+            self._store = Store(database_url)
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        sink = self
+
+        class StepMetrics(TrainerCallback):
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any
+            ) -> None:
+                # The end-of-training summary (train_runtime, ...) is logged too: not a step.
+                if logs and "loss" in logs and "train_runtime" not in logs:
+                    sink.add(state.global_step, logs)
+
+        return StepMetrics()
+
+    def add(self, step: int, logs: dict[str, Any]) -> None:
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+        metrics["step"] = step
+        self.steps.append(metrics)
+        logger.info("run %s step %s: %s", self.run_id, step, metrics)
+        if self._ray:
+            import ray.train
+
+            ray.train.report(metrics)
+        if self._store is not None and not self._store_failed:
+            self._append(metrics)
+
+    def _append(self, metrics: dict[str, float]) -> None:
+        from service.store import TrainingRun
+
+        run_id = self.run_id
+
+        def append(session: Any) -> None:
+            run = session.get(TrainingRun, run_id)
+            if run is None:
+                raise LookupError(f"no training run {run_id!r} in the store")
+            run.step_metrics = [*(run.step_metrics or []), metrics]
+
+        (outcome,) = self._store.write_batch([append])
+        if isinstance(outcome, Exception):
+            # Progress reporting must not fail the run; one warning, then stop trying.
+            self._store_failed = True
+            logger.warning("step metrics of run %s not stored: %s", run_id, outcome)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
