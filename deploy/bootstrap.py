@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import subprocess
@@ -18,6 +17,8 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from service.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,13 @@ def _is_complete(target: Path) -> bool:
         return False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _convert(target: Path) -> None:
     started = time.monotonic()
     # The work folder sits next to the target so the final rename stays on one filesystem.
     with tempfile.TemporaryDirectory(prefix=f".{MODEL_NAME}.", dir=target.parent) as tmp_str:
         tmp = Path(tmp_str)
         gguf_path = _fetch_gguf(tmp)
-        gguf_sha = _sha256(gguf_path)
+        gguf_sha = sha256_file(gguf_path)
         log.info("converting %s (sha256 %s) to safetensors", gguf_path.name, gguf_sha)
 
         staging = tmp / "model"
@@ -77,7 +70,7 @@ def _convert(target: Path) -> None:
             # safetensors writes 0600; services may run as another user than the bootstrap.
             p.chmod(0o644)
         files: dict[str, Any] = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(staging.iterdir())
             if p.is_file()
         }

@@ -10,17 +10,16 @@ replica serves; promoting and rolling back both append one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import desc, select
 
+from service.checksums import file_checksums
 from service.errors import Conflict, NotFound
 from service.store import ModelVersion, Promotion, Store
 
@@ -33,22 +32,6 @@ class Served:
     version: ModelVersion
     promotion_id: int
     weights_path: Path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    return {
-        str(p.relative_to(folder)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
 
 
 def new_version_id() -> str:
@@ -124,7 +107,7 @@ class Registry:
         target = self.data_dir / "versions" / version_id
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), target)
-        files = file_checksums(target)
+        files = file_checksums(target, skip=frozenset({MANIFEST}))
         manifest = {
             "id": version_id,
             "parent": parent.id,
@@ -162,7 +145,7 @@ class Registry:
     def checksum_mismatches(self, version: ModelVersion) -> list[str]:
         """Files whose bytes differ from the manifest, or that are missing or unexpected."""
         recorded = version.manifest.get("files", {})
-        actual = file_checksums(self.path_of(version))
+        actual = file_checksums(self.path_of(version), skip=frozenset({MANIFEST}))
         return sorted(
             name
             for name in set(recorded) | set(actual)

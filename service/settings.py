@@ -26,6 +26,22 @@ Scope = Literal["chat", "feedback", "admin"]
 EMBEDDED_MODEL_DIR = "SmolLM2-135M-Instruct"
 
 
+def prefloop_sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Arguments, then the environment, then the YAML file named by `PREFLOOP_CONFIG`; shared with
+    the offline side's settings (`training.config`)."""
+    config_file = os.environ.get("PREFLOOP_CONFIG")
+    sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+    if config_file:
+        if not Path(config_file).is_file():
+            raise SettingsError(f"PREFLOOP_CONFIG={config_file!r}: no such file")
+        sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+    return tuple(sources)
+
+
 class SettingsError(ValueError):
     """Settings that cannot work; the message names the setting, the value and the fix."""
 
@@ -124,13 +140,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = os.environ.get("PREFLOOP_CONFIG")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if config_file:
-            if not Path(config_file).is_file():
-                raise SettingsError(f"PREFLOOP_CONFIG={config_file!r}: no such file")
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
+        return prefloop_sources(settings_cls, init_settings, env_settings)
 
     @field_validator("database_url")
     @classmethod
