@@ -138,7 +138,8 @@ def test_feedback_to_new_version_and_back(loop_service: Service):
 
 
 def noisy_copy(registry: Registry, name: str) -> str:
-    """An approved version whose weights are the base's plus noise: a different greedy answer."""
+    """An approved version whose weights are the base's plus enough noise that it babbles: its
+    answers never name the topic, where the base's always do."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -149,7 +150,7 @@ def noisy_copy(registry: Registry, name: str) -> str:
     tensors = load_file(str(weights))
     gen = torch.Generator().manual_seed(0)
     noisy = {
-        k: (v.float() + 0.02 * torch.randn(v.shape, generator=gen)).to(v.dtype)
+        k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype)
         for k, v in tensors.items()
     }
     save_file(noisy, str(weights), metadata={"format": "pt"})
@@ -173,11 +174,16 @@ def test_swaps_under_steady_load(loop_service: Service):
     registry = Registry(svc.store, svc.settings.data_dir)
     other = noisy_copy(registry, "v-noisy")
     greedy = {"messages": PROBE, "temperature": 0.0, "max_tokens": 24}
-    expected = {}
+
+    # Greedy text shifts a little with the batch it runs in, so the test tells the versions apart
+    # by what they say, not by exact text: the base names the topic, the babbling copy does not.
+    def says_base(text: str) -> bool:
+        return "subscription" in text.lower()
+
     for version in ("base", other, "base"):
         assert promote(svc, version)["serving"] == version
-        expected[version] = chat(svc, **greedy)["choices"][0]["message"]["content"]
-    assert expected["base"] != expected[other], "the two versions must answer differently"
+        text = chat(svc, **greedy)["choices"][0]["message"]["content"]
+        assert says_base(text) == (version == "base"), text
 
     results: list[tuple[int, str, str]] = []
     stop = threading.Event()
@@ -214,6 +220,6 @@ def test_swaps_under_steady_load(loop_service: Service):
     assert len(results) > 20
     assert [r for r in results if r[0] != 200] == []
     for _, version, text in results:
-        assert text == expected[version], f"{version} answered {text!r}"
+        assert says_base(text) == (version == "base"), f"{version} answered {text!r}"
     assert {v for _, v, _ in results} == {"base", other}
     assert max(swap_s) < 2.0, swap_s
