@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.settings import prefloop_sources
 
 
 class SnapshotConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
+
     heldout_fraction: float = Field(
         default=0.2,
         ge=0.0,
@@ -32,8 +34,11 @@ class SnapshotConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    algorithm: Literal["dpo", "kto"] = Field(
-        default="dpo", description="dpo on pairs; kto on unpaired thumbs (picked when no pairs)"
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
+
+    algorithm: Literal["auto", "dpo", "kto"] = Field(
+        default="auto",
+        description="auto: dpo when the snapshot has training pairs, else kto on unpaired thumbs",
     )
     beta: float = Field(
         default=0.1, gt=0, description="strength of the KL penalty to the reference"
@@ -77,6 +82,8 @@ class TrainConfig(BaseModel):
 
 
 class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
+
     min_accuracy: float = Field(
         default=0.6,
         ge=0.0,
@@ -91,6 +98,8 @@ class GateConfig(BaseModel):
 
 
 class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
+
     enabled: bool = Field(default=True, description="run cycles automatically")
     min_new_items: int = Field(
         default=64,

@@ -71,6 +71,17 @@ def merge_adapter(base_weights: Path, adapter: Path, out: Path, tokenizer: Path)
     AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
 
 
+def choose_algorithm(
+    setting: str, pset: preference_sets.PreferenceSet
+) -> Literal["dpo", "kto"] | None:
+    """What this snapshot can train: DPO needs pairs, KTO unpaired rows; None if neither."""
+    if setting in ("auto", "dpo") and pset.pairs_train:
+        return "dpo"
+    if setting in ("auto", "kto") and pset.kto_train:
+        return "kto"
+    return None
+
+
 def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
     """Run one queued cycle to its end; never raises for a failed cycle (the run records it)."""
     from training.trainer import TrainJob, run_training
@@ -82,18 +93,18 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
     try:
         with _stage(stages, "snapshot"):
             pset = preference_sets.build(store, cfg.snapshot)
-            if not pset.pairs_train and not pset.kto_train:
+            algorithm = choose_algorithm(cfg.train.algorithm, pset)
+            if algorithm is None:
                 update_run(
                     store,
                     run_id,
                     status="skipped",
                     stages=stages,
-                    error="no usable preference data",
+                    error=f"no training rows for algorithm {cfg.train.algorithm}",
                     finished_at=datetime.now(UTC),
                 )
                 return get_run(store, run_id)
             snap = preference_sets.write_snapshot(store, cfg.data_dir, pset)
-        algorithm: Literal["dpo", "kto"] = "dpo" if pset.pairs_train else "kto"
         parent = registry.served().version
         weights_id = parent.weights_id if parent.kind == "lora" else parent.id
         base_weights = registry.weights_path(registry.get(weights_id))

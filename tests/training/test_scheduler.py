@@ -135,4 +135,4 @@ async def test_failed_cycle_is_recorded_and_serving_untouched(
 async def test_nothing_to_train_is_skipped(registry, tmp_path):
     ctx = context(registry, tmp_path)
     run = run_cycle(ctx, queue_run(registry.store, "manual", "ops").id)
-    assert run.status == "skipped" and run.error == "no usable preference data"
+    assert run.status == "skipped" and run.error == "no training rows for algorithm auto"
