@@ -35,6 +35,11 @@ SEED = 7
 # Four samples per held-out prompt: 32 prompts x 4 = 128 judged answers per measurement.
 SAMPLES_PER_PROMPT = 4
 TRAFFIC_ROUND = 32  # conversations between two looks at the scheduler
+# Half the conversations compare two answers, half rate one; half of the users who rate an answer
+# down write the answer they wanted (the shop's procedure from the scenario), as a support agent
+# reviewing the bot would. Comparisons alone only rank what the model already says.
+PAIRWISE_SHARE = 0.5
+CORRECTION_SHARE = 0.5
 MAX_ROUNDS = 20  # the demo gives up instead of running forever
 CYCLE_TIMEOUT_S = 900
 
@@ -109,7 +114,13 @@ async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
             if any(r.status != "skipped" for r in recent_runs(ctx.store)):
                 break  # a cycle is queued or running: leave it the CPU
             stats = await run_traffic(
-                client, scenario, TRAFFIC_ROUND, concurrency=8, seed=SEED + round_no
+                client,
+                scenario,
+                TRAFFIC_ROUND,
+                concurrency=8,
+                seed=SEED + round_no,
+                pairwise_share=PAIRWISE_SHARE,
+                correction_share=CORRECTION_SHARE,
             )
             traffic.append(stats)
             print(

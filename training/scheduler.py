@@ -22,8 +22,11 @@ from training.cycle import CycleContext, run_cycle
 logger = logging.getLogger(__name__)
 
 
-def due_trigger(ctx: CycleContext, now: float | None = None) -> str | None:
-    """'count' or 'interval' when an automatic cycle is due, else None."""
+def due_trigger(
+    ctx: CycleContext, now: float | None = None, since: float | None = None
+) -> str | None:
+    """'count' or 'interval' when an automatic cycle is due, else None. The interval runs from
+    the last finished cycle, or from `since` (the scheduler's start) before the first one."""
     cfg = ctx.settings.scheduler
     pset = preference_sets.build(ctx.store, ctx.settings.snapshot)
     # What a cycle could train on: held-out rows only evaluate.
@@ -31,14 +34,14 @@ def due_trigger(ctx: CycleContext, now: float | None = None) -> str | None:
     if usable >= cfg.min_new_items:
         return "count"
     finished = [r.finished_at for r in recent_runs(ctx.store) if r.finished_at is not None]
-    last = max(finished).timestamp() if finished else None
+    last = max(finished).timestamp() if finished else since
     now = time.time() if now is None else now
     if usable >= cfg.min_items_for_interval and (last is None or now - last >= cfg.interval_s):
         return "interval"
     return None
 
 
-def tick(ctx: CycleContext) -> TrainingRun | None:
+def tick(ctx: CycleContext, since: float | None = None) -> TrainingRun | None:
     """Run the queued cycle, or an automatic one if due; returns the finished run, if any."""
     runs = recent_runs(ctx.store)
     running = [r for r in runs if r.status == "running"]
@@ -46,7 +49,7 @@ def tick(ctx: CycleContext) -> TrainingRun | None:
         return None  # another process is running it
     queued = next((r for r in reversed(runs) if r.status == "queued"), None)
     if queued is None and ctx.settings.scheduler.enabled:
-        trigger = due_trigger(ctx)
+        trigger = due_trigger(ctx, since=since)
         if trigger is not None:
             try:
                 queued = queue_run(ctx.store, trigger, "scheduler")
@@ -77,6 +80,7 @@ class Scheduler:
     def __init__(self, ctx: CycleContext):
         self._ctx = ctx
         self._stop = threading.Event()
+        self._started = time.time()
         self._thread = threading.Thread(target=self._loop, name="prefloop-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -86,7 +90,7 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                tick(self._ctx)
+                tick(self._ctx, since=self._started)
             except Exception:  # a failed tick must not end the loop; runs record their errors
                 logger.exception("scheduler tick failed")
             self._stop.wait(self._ctx.settings.scheduler.poll_s)

@@ -169,12 +169,15 @@ async def run_traffic(
     pairwise_share: float = 0.75,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float = DEFAULT_TEMPERATURE,
+    correction_share: float = 0.0,
 ) -> TrafficStats:
     """Hold `conversations` conversations on train questions, `concurrency` at a time.
 
     A pairwise conversation asks for two answers (n=2) and votes between them with `compare`; a
-    thumbs one asks for one answer and rates it up when `judge` approves it, down otherwise.
-    Every acknowledged vote is counted under its kind and outcome.
+    thumbs one asks for one answer and rates it up when `judge` approves it, down otherwise. A
+    `correction_share` of the users who rate down also write the answer they wanted: the topic's
+    action path from the scenario (as a support agent reviewing the bot would). Every
+    acknowledged vote is counted under its kind and outcome.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be at least 1")
@@ -211,6 +214,9 @@ async def run_traffic(
         else:
             outcome = "up" if verdicts[0].approved else "down"
             vote = {"type": "thumbs", "response_id": rid, "choice_index": 0, "rating": outcome}
+            if outcome == "down" and random.Random(c.seed).random() < correction_share:
+                vote["correction"] = topic.action_path
+                outcome = "down+correction"
         vote |= {"user_id": c.user_id, "idempotency_key": f"sim-{c.kind}-{rid}"}
         if await http.post("/v1/feedback", vote) is None:
             return False

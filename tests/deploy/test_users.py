@@ -179,3 +179,27 @@ async def test_a_refused_key_is_not_retried(store, registry):
     async with client_for(ShopEngine(SCENARIO), registry, key="sk-unknown-0123456789abcdef") as c:
         stats = await run_traffic(c, SCENARIO, 3, 3, seed=0)
     assert stats.failure_reasons == {"401": 3} and stats.requests == 3
+
+
+async def test_rating_down_with_the_wanted_answer(store, registry):
+    # good_first=False: the single answer is the retention pitch, so every thumbs is down.
+    async with client_for(ShopEngine(SCENARIO, good_first=False), registry) as client:
+        stats = await run_traffic(
+            client,
+            SCENARIO,
+            8,
+            2,
+            seed=1,
+            pairwise_share=0.0,
+            correction_share=1.0,
+            max_tokens=MAX_TOKENS,
+        )
+    assert stats.votes == {"thumbs": {"down+correction": 8}}
+    rows = feedback_rows(store)
+    assert len(rows) == 8 and all(r.rating == "down" for r in rows)
+    with store.reading() as s:
+        for row in rows:
+            gen = s.get(Generation, row.a_generation_id)
+            question = gen.messages[-1]["content"]
+            prompt = next(p for p in SCENARIO.prompts if p.text == question)
+            assert row.correction == SCENARIO.topic_of(prompt).action_path
