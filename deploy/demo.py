@@ -35,11 +35,11 @@ SEED = 7
 # Four samples per held-out prompt: 32 prompts x 4 = 128 judged answers per measurement.
 SAMPLES_PER_PROMPT = 4
 TRAFFIC_ROUND = 32  # conversations between two looks at the scheduler
-# Half the conversations compare two answers, half rate one; half of the users who rate an answer
-# down write the answer they wanted (the shop's procedure from the scenario), as a support agent
+# Half the conversations compare two answers, half rate one; the users who rate an answer down
+# write the answer they wanted (the shop's procedure from the scenario), as support agents
 # reviewing the bot would. Comparisons alone only rank what the model already says.
 PAIRWISE_SHARE = 0.5
-CORRECTION_SHARE = 0.5
+CORRECTION_SHARE = 1.0
 MAX_ROUNDS = 20  # the demo gives up instead of running forever
 CYCLE_TIMEOUT_S = 900
 
@@ -105,9 +105,6 @@ async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
             f"(mean {before.mean_words:.0f} words)",
             flush=True,
         )
-        steady = SteadyClient(base_url, headers)
-        steady_thread = threading.Thread(target=steady.run, daemon=True)
-        steady_thread.start()
         traffic = []
         cycle_started = time.time()
         for round_no in range(MAX_ROUNDS):
@@ -128,6 +125,12 @@ async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
                 f"{stats.approved}/{stats.answers} answers approved, votes {stats.votes}",
                 flush=True,
             )
+        # The steady client starts once training is done, so it does not take the training's CPU;
+        # it still covers the gate (its canary loads a second engine) and the swap.
+        await asyncio.to_thread(_wait_for_cycle, ctx, "train")
+        steady = SteadyClient(base_url, headers)
+        steady_thread = threading.Thread(target=steady.run, daemon=True)
+        steady_thread.start()
         run = await asyncio.to_thread(_wait_for_cycle, ctx)
         steady.stop()
         steady_thread.join()
@@ -144,17 +147,18 @@ async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
     return report
 
 
-def _wait_for_cycle(ctx: Any):
+def _wait_for_cycle(ctx: Any, stage: str | None = None):
+    """The first cycle once it finished (or, with `stage`, once that stage is done)."""
     from service.runs import recent_runs
 
     deadline = time.time() + CYCLE_TIMEOUT_S
     while time.time() < deadline:
-        done = [
-            r for r in recent_runs(ctx.store) if r.finished_at is not None and r.status != "skipped"
-        ]
-        if done:
-            return done[0]
-        time.sleep(2)
+        for run in recent_runs(ctx.store):
+            if run.status == "skipped":
+                continue
+            if run.finished_at is not None or (stage is not None and stage in run.stages):
+                return run
+        time.sleep(1)
     return None
 
 
