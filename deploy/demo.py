@@ -43,9 +43,6 @@ CORRECTION_SHARE = 1.0
 MAX_ROUNDS = 20  # the demo gives up instead of running forever
 CYCLE_TIMEOUT_S = 900
 SWAP_WAIT_S = 30
-# New training pairs that start a cycle. The calibration in DESIGN.md found informative pairs
-# scarce on this model; 96 pairs (about 48 DPO steps) fit the 20-minute budget of the demo.
-DEMO_MIN_NEW_ITEMS = 96
 
 
 @dataclass
@@ -284,7 +281,6 @@ def main() -> int:
     deployment.deploy(settings)
     ctx = cycle_context(settings)
     ctx.settings.scheduler.poll_s = 2.0
-    ctx.settings.scheduler.min_new_items = DEMO_MIN_NEW_ITEMS
     scheduler = Scheduler(ctx)
     scheduler.start()
     try:
