@@ -1,1 +1,2 @@
-"""Deployment and operations: CLI, bootstrap, demo."""
+"""Deployment and operations: the CLI, model bootstrap, the offline side's wiring, the demo and its
+simulated users, the container image and the Serve config."""

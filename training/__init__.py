@@ -1,4 +1,2 @@
-"""The offline side: preference sets, trainers, evaluation gate, scheduler.
-
-Built in a later change.
-"""
+"""The offline side: preference sets, DPO/KTO on Ray Train, the evaluation gate, the cycle and the
+scheduler. It reads feedback and publishes versions only through `service`'s store and registry."""
