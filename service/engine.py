@@ -77,6 +77,11 @@ class VersionGate:
             if self.active == 0:
                 self._idle.set()
 
+    @property
+    def swapping(self) -> bool:
+        """True from the moment a swap closes the gate until it reopens."""
+        return not self._open.is_set()
+
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
         self._open.clear()

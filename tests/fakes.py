@@ -33,6 +33,10 @@ class FakeEngine:
     def in_flight(self) -> int:
         return self._gate.active
 
+    @property
+    def swapping(self) -> bool:
+        return self._gate.swapping
+
     async def swap(self, version: str, weights_path: Path) -> None:
         async with self._gate.exclusive():
             await asyncio.sleep(0.01)  # the real engine reloads its weights here

@@ -107,6 +107,8 @@ async def test_no_response_mixes_versions_during_a_swap(client, registry, engine
         await asyncio.sleep(0)
     registry.promote("v1", "ops")
     swap = asyncio.create_task(follower.sync())
+    while not engine.swapping:  # the follower reads the promotion first (a thread, a query)
+        await asyncio.sleep(0.001)
     during = [asyncio.create_task(ask()) for _ in range(20)]
     assert await swap == "v1"
     replies = await asyncio.gather(*before, *during)
