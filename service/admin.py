@@ -14,7 +14,7 @@ from service.auth import Principal
 from service.registry import Registry
 from service.rollout import VersionFollower
 from service.runs import ACTIVE, queue_run, recent_runs
-from service.store import Feedback, ModelVersion, PreferenceSnapshot, TrainingRun
+from service.store import Feedback, ModelVersion, TrainingRun, used_feedback_ids
 
 
 def version_view(v: ModelVersion) -> dict[str, Any]:
@@ -57,9 +57,7 @@ def loop_status(registry: Registry) -> dict[str, Any]:
     """Served version, feedback no snapshot has used yet, and the newest runs."""
     served = registry.served()
     with registry.store.reading() as s:
-        used: set[str] = set()
-        for ids in s.scalars(select(PreferenceSnapshot.feedback_ids)):
-            used.update(ids)
+        used = used_feedback_ids(s)
         total = s.scalar(select(func.count()).select_from(Feedback)) or 0
     runs = recent_runs(registry.store)
     current = next((r for r in runs if r.status in ACTIVE), None)

@@ -63,7 +63,14 @@ from sqlalchemy.orm import Session, aliased
 
 from service.chat import conversation_hash
 from service.export import kto_row, pair_row
-from service.store import Feedback, Generation, GenerationChoice, PreferenceSnapshot, Store
+from service.store import (
+    Feedback,
+    Generation,
+    GenerationChoice,
+    PreferenceSnapshot,
+    Store,
+    used_feedback_ids,
+)
 from training.config import SnapshotConfig
 
 logger = logging.getLogger(__name__)
@@ -292,10 +299,7 @@ def build(store: Store, cfg: SnapshotConfig, now: datetime | None = None) -> Pre
     votes: list[Vote] = []
     unresolved = 0
     with store.reading() as session:
-        taken: set[str] = set()
-        if cfg.mode == "incremental":
-            for used in session.scalars(select(PreferenceSnapshot.feedback_ids)):
-                taken.update(used)
+        taken = used_feedback_ids(session) if cfg.mode == "incremental" else set()
         for fb, messages, conversation, text_a, text_b in session.execute(query):
             if fb.id in taken:
                 continue

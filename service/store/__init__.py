@@ -10,7 +10,7 @@ from service.store.schema import (
     Promotion,
     TrainingRun,
 )
-from service.store.store import Store
+from service.store.store import Store, used_feedback_ids
 from service.store.writer import GroupCommitWriter
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "Promotion",
     "Store",
     "TrainingRun",
+    "used_feedback_ids",
 ]

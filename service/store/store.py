@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.store.schema import Feedback, Generation
+from service.store.schema import Feedback, Generation, PreferenceSnapshot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +48,14 @@ def _sqlite_engine(url: str, *, begin: str) -> Engine:
         conn.exec_driver_sql(begin)
 
     return engine
+
+
+def used_feedback_ids(session: Session) -> set[str]:
+    """Ids of the feedback some preference snapshot already took."""
+    used: set[str] = set()
+    for ids in session.scalars(select(PreferenceSnapshot.feedback_ids)):
+        used.update(ids)
+    return used
 
 
 class Store:
