@@ -14,13 +14,14 @@ EXTRA ?= $(if $(HAS_GPU),gpu,cpu)
 TEST_MARKERS ?= $(if $(HAS_GPU),,not gpu)
 INSTALLED := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: help setup test test-fast demo lint clean
+.PHONY: help setup test test-fast demo bench lint clean
 
 help:
 	@echo "make setup      create $(VENV), install prefloop[$(EXTRA),dev], provision the embedded model"
 	@echo "make test       lint, type-check and run every test this machine can run"
 	@echo "make test-fast  the default fast test run"
 	@echo "make demo       run the demo"
+	@echo "make bench      run every benchmark against its baseline, write docs/BENCHMARKS.md"
 	@echo "make lint       ruff and mypy"
 	@echo "make clean      remove $(VENV) and build artefacts (keeps the data directory)"
 
@@ -53,6 +54,9 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python -m deploy.demo
+
+bench: setup
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,42 @@
+"""`make bench`: every benchmark, one after the other (they share the CPUs), then the report.
+
+    python -m bench [names...]        (default: all, in bench.report.ORDER)
+
+A benchmark that fails does not stop the others; the report says which one failed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from bench.common import RESULTS_DIR
+from bench.report import ORDER, write
+
+
+def main(argv: list[str]) -> int:
+    names = tuple(argv) or ORDER
+    unknown = [n for n in names if n not in ORDER]
+    if unknown:
+        print(f"unknown benchmarks {unknown}; choose from {list(ORDER)}", file=sys.stderr)
+        return 2
+    for name in names:
+        (RESULTS_DIR / f"{name}.json").unlink(missing_ok=True)
+    status: dict[str, str] = {}
+    started = time.monotonic()
+    for name in names:
+        print(f"== bench.{name}", flush=True)
+        t0 = time.monotonic()
+        code = subprocess.call([sys.executable, "-m", f"bench.{name}"])
+        took = time.monotonic() - t0
+        status[name] = "ok" if code == 0 else f"exited with {code} after {took:.0f} s"
+        print(f"== bench.{name}: {status[name]} ({took:.0f} s)", flush=True)
+    total = time.monotonic() - started
+    out = write({"total_s": total, "status": status})
+    print(f"all benchmarks: {total / 60:.1f} minutes; wrote {out}")
+    return 0 if all(s == "ok" for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

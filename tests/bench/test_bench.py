@@ -1,0 +1,111 @@
+"""The benchmarks' own arithmetic: percentiles, target verdicts, the swap's reading of what users
+saw, the profile summary and the report."""
+
+import json
+
+import pytest
+
+from bench import common, report
+from bench.common import Result, Target, percentile
+from bench.load import ChatLoad, Sample
+from bench.profile import summarize_collapsed
+from bench.swap import swap_figures
+
+
+def test_percentile_interpolates_between_ranks():
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 99) == pytest.approx(3.97)
+    assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+@pytest.mark.parametrize(
+    ("value", "goal", "direction", "met", "shortfall"),
+    [
+        (0.97, 0.95, ">=", True, ""),
+        (0.81, 0.95, ">=", False, "missed by 0.14x (15% of the goal)"),
+        (4.5, 2.0, "<=", False, "missed by 2.50 s (125% of the goal)"),
+        (1.2, 2.0, "<=", True, ""),
+        (None, 2.0, "<=", None, ""),
+    ],
+)
+def test_target_verdict_and_shortfall(value, goal, direction, met, shortfall):
+    unit = "x" if direction == ">=" else "s"
+    target = Target("t", value, goal, direction, unit)
+    assert target.met is met
+    assert target.shortfall == shortfall
+
+
+def test_result_file_carries_targets_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    result = Result("demo", "Demo", command="python -m bench.demo")
+    result.table("t", ["a", "b"], [[1, 2.5]])
+    result.target("ratio", 0.5, 0.95)
+    body = json.loads(result.write().read_text())
+    assert body["tables"][0]["rows"] == [[1, 2.5]]
+    assert body["targets"][0]["met"] is False
+    assert body["targets"][0]["shortfall"].startswith("missed by 0.45x")
+    assert body["machine"]["cpus"] >= 1
+
+
+def _sample(start, first, end, version, status=200):
+    return Sample(start=start, first=first, end=end, status=status, version=version)
+
+
+def test_swap_figures_read_the_last_gate_to_reopen():
+    load = ChatLoad("http://127.0.0.1:1")
+    load.samples = [
+        _sample(98.0, 98.1, 98.5, "old"),  # steady state
+        _sample(99.8, 99.9, 100.4, "old"),  # running across the promotion at t=100
+        _sample(100.2, 100.3, 100.6, "old"),  # taken by a replica before it polled
+        _sample(100.3, 101.1, 101.5, "new"),  # held at the closed gate until 101.1
+        _sample(100.4, 100.5, 100.9, "new"),  # another replica, already swapped
+        _sample(102.0, 102.1, 102.5, "new"),
+        _sample(102.6, None, 102.7, "", status=-1),  # a failure after the swap counts too
+    ]
+    figures = swap_figures(load, 100.0, "old", "new", poll_s=0.25)
+    assert figures["last_old_start_s"] == pytest.approx(0.2)
+    assert figures["swap_s"] == pytest.approx(1.1)  # the held request's first chunk
+    assert figures["failed"] == 1
+    # Requests that ended after the promotion and started before the swap was over.
+    assert figures["requests_during"] == 4
+
+
+def test_swap_figures_without_a_new_version_answer():
+    load = ChatLoad("http://127.0.0.1:1")
+    load.samples = [_sample(100.5, 100.6, 101.0, "old")]
+    assert swap_figures(load, 100.0, "old", "new", poll_s=0.25)["swap_s"] is None
+
+
+def test_profile_summary_ranks_own_and_total_time():
+    raw = "\n".join(
+        [
+            "main (/x/site-packages/trl/a.py:1);step (/x/site-packages/torch/b.py:2) 30",
+            "main (/x/site-packages/trl/a.py:1);load (/x/site-packages/safetensors/c.py:3) 10",
+            "garbage line",
+        ]
+    )
+    text = summarize_collapsed(raw)
+    assert text.startswith("40 samples")
+    own = text.split("total time")[0]
+    assert own.index("step (torch/b.py)") < own.index("load (safetensors/c.py)")
+    assert "75.0%  step (torch/b.py)" in own
+    assert "100.0%  main (trl/a.py)" in text.split("total time")[1]
+
+
+def test_report_lists_every_target_and_missing_benchmarks(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    result = Result("swap", "Hot swap", command="python -m bench.swap")
+    result.table("2 replicas", ["how", "s"], [["promote", 1.23], ["restart", 102.7]])
+    result.target("promote -> serving", 4.66, 2.0, "<=", "s")
+    result.profile = "10 samples"
+    result.write()
+    text = report.render(report.load_results(), {"total_s": 600, "status": {"loop": "exited 1"}})
+    assert "| Hot swap | promote -> serving | 4.66 s | <= 2 s | missed by 2.66 s" in text
+    assert "| loop | (no result: exited 1) |" in text
+    assert "| restart | 102.7 |" in text
+    assert "10.0 minutes in all" in text
+    assert "```\n10 samples\n```" in text
