@@ -150,6 +150,8 @@ class VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from service.hardware import engine_dtype
+
         cfg = settings.engine
         chunked = cfg.enable_chunked_prefill
         if chunked is None:
@@ -159,7 +161,7 @@ class VllmEngine:
             # Later versions are full weights of the same architecture: keep the tokenizer fixed.
             tokenizer=str(settings.resolved_model_path),
             served_model_name=settings.served_model_name,
-            dtype=cfg.dtype,
+            dtype=engine_dtype(cfg.dtype),
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,

@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from service.hardware import Dtype
+
 Scope = Literal["chat", "feedback", "admin"]
 EMBEDDED_MODEL_DIR = "SmolLM2-135M-Instruct"
 
@@ -66,7 +68,9 @@ class ApiKey(BaseModel):
 class EngineSettings(BaseModel):
     """vLLM engine settings for each policy replica."""
 
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    # None: bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or
+    # AMX), float32 elsewhere: on an AVX2-only CPU vLLM emulates bf16 and runs slower in it.
+    dtype: Dtype | None = None
     max_model_len: int = Field(default=2048, ge=128)
     max_num_seqs: int = Field(default=32, ge=1)
     max_num_batched_tokens: int = Field(default=4096, ge=128)

@@ -40,10 +40,13 @@ def run_canary(weights: Path, tokenizer: Path, prompt: str, timeout_s: float = 3
 def _main(weights: str, tokenizer: str, prompt: str) -> None:
     from vllm import LLM, SamplingParams
 
+    from service.hardware import engine_dtype
+    from service.settings import load_settings
+
     llm = LLM(
         model=weights,
         tokenizer=tokenizer,
-        dtype="bfloat16",
+        dtype=engine_dtype(load_settings().engine.dtype),
         max_model_len=1024,
         enforce_eager=True,
         enable_chunked_prefill=False,

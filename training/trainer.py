@@ -194,6 +194,8 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
+    from service.hardware import bf16_native
+
     job = TrainJob.from_dict(job_dict)
     cfg = job.config
     # Ray Train workers start with one OpenMP thread: use the CPUs the worker was given.
@@ -207,7 +209,7 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_supported(cfg.use_gpu)
+    use_bf16 = cfg.bf16 if cfg.bf16 is not None else bf16_native(cfg.use_gpu)
 
     tokenizer = _load_tokenizer(job.base_model_path)
     rows = _read_rows(job.train_file, job.algorithm)
@@ -266,31 +268,6 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
         (job.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("run %s saved to %s (%s steps)", job.run_id, job.output_dir, len(sink.steps))
     return summary
-
-
-def bf16_supported(use_gpu: bool) -> bool:
-    """Whether the hardware computes in bf16 natively (what `TrainConfig.bf16=None` resolves to).
-
-    GPU: `torch.cuda.is_bf16_supported()`. CPU: AVX512-BF16 or AMX on x86, the `bf16` feature on
-    Arm. Without them PyTorch emulates bf16 and training gets slower, not faster.
-    """
-    import torch
-
-    if use_gpu:
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(torch.cpu, probe, None)
-        if check is not None and check():
-            return True
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def fit_prompts(
