@@ -1,14 +1,18 @@
 """The loop: from the Nth preference pair arriving to a new version serving, stage by stage.
 
-    python -m bench.loop [--profile]
+    python -m bench.loop [--pairs 16] [--profile]
 
-prefloop serves the embedded model with its scheduler at the shipped settings (a cycle once
-`scheduler.min_new_items` new pairs arrived, polled every `scheduler.poll_s`). Simulated users
+prefloop serves the embedded model with its scheduler at the shipped settings, but for the
+number of new pairs that starts a cycle (`--pairs`; the target in DESIGN.md is for 64, the
+shipped `scheduler.min_new_items`, which takes over ten minutes on a 2-core AVX2 CPU and would
+not fit `make bench`'s budget). Simulated users
 (deploy/simulation, as in the demo) chat and vote through the API until the scheduler queues a
 cycle; the cycle snapshots, trains DPO on Ray Train, merges, registers, gates (held-out rewards
 and a vLLM canary) and promotes; the replica swaps. The clock starts when the Nth training pair
 became available (the newest feedback behind each pair of the snapshot, Nth in time order) and
-stops when the replica answers `/v1/models` with the new version.
+stops when the replica answers `/v1/models` with the new version. The time for 64 pairs is then
+projected from the same run: the work that grows with the pairs (the trainer's setup, with its
+reference pass over every row, and its training steps) scaled to 64, the rest as measured.
 
 With `--profile` the training job's worker is sampled with py-spy and the summary of where its
 time goes goes into the result.
@@ -31,7 +35,10 @@ import httpx
 from bench.common import ROOT, Result, embedded_model, free_port, scratch_dir
 
 GOAL_S = 180.0
+GOAL_PAIRS = 64
 ROUND = 16  # conversations between two looks at the scheduler
+# Shorter answers than the demo's, to reach the pairs sooner; the clock starts after them.
+ANSWER_TOKENS = 48
 SEED = 11
 
 
@@ -56,6 +63,7 @@ async def drive_until_queued(url: str, ctx: Any, result: Result) -> None:
                 seed=SEED + round_no,
                 pairwise_share=PAIRWISE_SHARE,
                 correction_share=CORRECTION_SHARE,
+                max_tokens=ANSWER_TOKENS,
             )
             conversations += stats.completed
         else:
@@ -173,7 +181,7 @@ def run(args: argparse.Namespace, result: Result) -> None:
     url = f"http://127.0.0.1:{port}"
     deployment.deploy(settings)
     ctx = cycle_context(settings)
-    n = ctx.settings.scheduler.min_new_items
+    n = ctx.settings.scheduler.min_new_items = args.pairs
     scheduler = Scheduler(ctx)
     scheduler.start()
     profile = WorkerProfile(data / "train.pyspy") if args.profile else None
@@ -213,11 +221,22 @@ def run(args: argparse.Namespace, result: Result) -> None:
         [[name, round(s, 1), f"{s / total:.0%}"] for name, s in stages.items()]
         + [["total", round(total, 1), "100%"]],
     )
-    result.target(f"{n} new pairs -> new version serving", total, GOAL_S, "<=", "s")
+    growing = float(train.get("train_runtime", 0.0)) + float(train.get("trainer_setup_s", 0.0))
+    projected = total + growing * (GOAL_PAIRS / n - 1)
+    result.target(
+        f"{GOAL_PAIRS} new pairs -> new version serving"
+        + ("" if n == GOAL_PAIRS else f" (projected from {n} pairs)"),
+        projected,
+        GOAL_S,
+        "<=",
+        "s",
+    )
+    gate = ctx.registry.get(run.candidate_version_id).metrics.get("gate", {})
     result.note(
-        f"training: train_runtime {train.get('train_runtime')} s, "
-        f"{train.get('train_samples_per_second')} samples/s, last step loss "
-        f"{summary.get('loss')}"
+        f"training: trainer setup (tokenising, reference pass) {train.get('trainer_setup_s')} s, "
+        f"train_runtime {train.get('train_runtime')} s, "
+        f"{train.get('train_samples_per_second')} samples/s, last step loss {summary.get('loss')}; "
+        f"gate (canary beside the held-out rewards): {gate.get('seconds')}"
     )
     if profile is not None:
         result.profile = profile.summary()
@@ -225,6 +244,7 @@ def run(args: argparse.Namespace, result: Result) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=16, help="new pairs that start a cycle")
     parser.add_argument("--profile", action="store_true", help="sample the training worker")
     args = parser.parse_args()
     result = Result("loop", "The loop: Nth pair to new version serving", "python -m bench.loop")

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -226,6 +227,7 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
     sink = _StepSink(job.run_id, job.database_url if rank == 0 else None, ray_context)
     scratch = tempfile.TemporaryDirectory(prefix=f"prefloop-{job.run_id}-")
     try:
+        setup_started = time.perf_counter()
         trainer = _build_trainer(
             job,
             model,
@@ -241,6 +243,8 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
             from ray.train.huggingface.transformers import prepare_trainer
 
             trainer = prepare_trainer(trainer)
+        # Tokenising and, with precompute_ref_log_probs, the reference pass over every row.
+        setup_s = round(time.perf_counter() - setup_started, 2)
         output = trainer.train()
     finally:
         sink.close()
@@ -258,6 +262,7 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
         "world_size": ray_context.get_world_size() if ray_context is not None else 1,
         "torch_threads": torch.get_num_threads(),
         "global_step": output.global_step,
+        "trainer_setup_s": setup_s,
         **{k: v for k, v in output.metrics.items() if isinstance(v, int | float)},
         "final": sink.steps[-1] if sink.steps else {},
         "peak_rss_mb": _peak_rss_mb(),
@@ -401,6 +406,28 @@ def _load_model(job: TrainJob, use_bf16: bool) -> tuple[Any, Any, Any, Any]:
     return model, None, ref_model, save_dtype
 
 
+def _score_answer_tokens_only() -> None:
+    """Make TRL's fused LM head score only the answer tokens on the CPU, as it does on GPUs.
+
+    DPO's log-probabilities sum over the answer tokens alone (the prompt and the padding are
+    masked). TRL 1.16 scores every position through the LM head (49k-wide for the embedded model)
+    on devices without Triton, so that compiling backends (Neuron) see one tile shape; eager CPU
+    training compiles nothing, and the LM head and log-softmax were a third of the worker's time
+    (py-spy, bench.loop). The numbers are the same: the skipped positions are zeroed anyway.
+    """
+    import trl.trainer.utils as trl_utils
+
+    compact = getattr(trl_utils, "_use_triton", None)
+    if compact is None or getattr(compact, "prefloop_cpu", False):
+        return  # another TRL layout (nothing to do), or already done in this process
+
+    def compact_on_cpu(device: Any) -> bool:
+        return device.type == "cpu" or compact(device)
+
+    compact_on_cpu.prefloop_cpu = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact_on_cpu
+
+
 def _build_trainer(
     job: TrainJob,
     model: Any,
@@ -441,6 +468,8 @@ def _build_trainer(
     }
     if job.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
+
+        _score_answer_tokens_only()
 
         trainer_cls: Any = DPOTrainer
         args: Any = DPOConfig(**common, loss_type=[cfg.loss_type])
