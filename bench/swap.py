@@ -13,11 +13,10 @@ The baseline is the naive way to change a model under Ray Serve: redeploy the ap
 redeployed replicas read a second store whose served version is the next one, while the old
 replicas keep the store they follow, so no replica swaps in place.
 
-When is "every replica serving it"? A replica that swaps closes its gate to new requests, lets
-running ones finish, reloads and reopens; the requests it held start on the new version. The last
-request any replica took on the old version marks the last gate to close, and the first chunk of
-the new-version requests started up to one poll interval after it marks the last gate to reopen:
-the later of the two is the figure (an upper bound by the prefill of one request).
+When is "every replica serving it"? A poller asks `/v1/models` every 50 ms; a replica answers
+with the version its engine runs, which changes once the swap reloaded the weights. The figure is
+the first answer naming the new version after which no answer named another (with several
+replicas the proxy spreads the polls over them, so a replica still on the old version would show).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import argparse
 import asyncio
 import shutil
 import time
+from typing import Any
 
 import httpx
 
@@ -34,9 +34,8 @@ from bench.load import ChatLoad, Sample
 
 SWAP_GOAL_S = 2.0
 P99_GOAL = 1.5
-SETTLE_S = 8.0  # load kept after the last old-version answer, to see the aftermath
-# Requests started this long after the last old-version one may have waited at a closed gate.
-HELD_WINDOW_S = 1.0
+SETTLE_S = 8.0  # load kept after every poll names the new version, to see the aftermath
+POLL_S = 0.05
 
 
 def publish_copy(registry, version_id: str) -> None:
@@ -57,49 +56,59 @@ def publish_copy(registry, version_id: str) -> None:
     registry.judge(version_id, approved=True, reason=None, metrics={})
 
 
-def swap_figures(load: ChatLoad, t0: float, old: str, new: str, poll_s: float) -> dict:
-    """What users saw from `t0` (promotion or redeploy) on; see the module docstring."""
-    after = load.between(t0, float("inf"))
-    old_starts = [s.start for s in after if s.ok and s.version == old]
-    last_old = max(old_starts, default=t0)
-    reopened = [
-        s.first or s.end
-        for s in after
-        if s.ok and s.version == new and s.start <= last_old + max(poll_s, HELD_WINDOW_S)
-    ]
-    done = max([last_old, *reopened])
-    window = [s for s in load.samples if s.end >= t0 and s.start <= done]
+def swap_figures(
+    load: ChatLoad, polls: list[tuple[float, str]], t0: float, new: str
+) -> dict[str, Any]:
+    """What the poller and the users saw from `t0` (promotion or redeploy) on."""
+    after = [(t, v) for t, v in polls if t >= t0]
+    done = None
+    for t, version in reversed(after):
+        if version != new:
+            break
+        done = t
+    end = done if done is not None else t0
+    window = [s for s in load.samples if s.end >= t0 and s.start <= end]
     return {
-        "swap_s": done - t0 if any(s.version == new for s in after) else None,
-        "last_old_start_s": last_old - t0,
+        "swap_s": None if done is None else done - t0,
         "failed": sum(not s.ok for s in load.samples if s.end >= t0),
         "requests_during": len(window),
         "p99_during_s": percentile([s.latency for s in window if s.ok], 99),
     }
 
 
-async def measure(load: ChatLoad, change, old: str, new: str, steady_s: float, poll_s: float):
-    """Steady state, then `change()` (awaited), then until the new version answers every
-    request; returns (steady samples, figures, seconds `change` took)."""
+async def poll_versions(url: str, polls: list[tuple[float, str]], stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        while not stop.is_set():
+            try:
+                r = await client.get("/v1/models")
+                polls.append((time.time(), r.json()["data"][0]["version"]))
+            except (httpx.HTTPError, KeyError, ValueError):
+                polls.append((time.time(), ""))
+            await asyncio.sleep(POLL_S)
+
+
+async def measure(load: ChatLoad, change, new: str, steady_s: float):
+    """Steady state, then `change()` (awaited), then until every poll names the new version
+    for SETTLE_S; returns (steady samples, figures, seconds `change` took)."""
     load.samples.clear()
+    polls: list[tuple[float, str]] = []
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll_versions(load.base_url, polls, stop))
     load.start()
     await asyncio.sleep(steady_s)
     t0 = time.time()
     steady = load.between(t0 - steady_s, t0)
-    call = time.time()
     await change()
-    call_s = time.time() - call
+    call_s = time.time() - t0
     deadline = time.time() + 240
     while time.time() < deadline:
-        recent = [s for s in load.samples if s.start > t0]
-        last_old = max((s.start for s in recent if s.version == old), default=t0)
-        if any(s.version == new and s.start > last_old for s in recent) and (
-            time.time() - last_old > SETTLE_S
-        ):
+        figures = swap_figures(load, polls, t0, new)
+        if figures["swap_s"] is not None and time.time() - (t0 + figures["swap_s"]) > SETTLE_S:
             break
         await asyncio.sleep(0.5)
-    await load.stop()
-    return steady, swap_figures(load, t0, old, new, poll_s), call_s
+    stop.set()
+    await asyncio.gather(load.stop(), poller)
+    return steady, swap_figures(load, polls, t0, new), call_s
 
 
 def steady_p99(samples: list[Sample]) -> float:
@@ -137,9 +146,7 @@ async def run(args: argparse.Namespace, result: Result) -> None:
                 r = await admin.post("/v1/admin/versions/v-promoted/promote")
                 r.raise_for_status()
 
-        steady, ours, call_s = await measure(
-            load, promote, "base", "v-promoted", args.steady_s, settings.swap_poll_s
-        )
+        steady, ours, call_s = await measure(load, promote, "v-promoted", args.steady_s)
         ours["call_s"] = call_s
         ours["steady_p99_s"] = steady_p99(steady)
         ours["steady_requests"] = len(steady)
@@ -160,9 +167,7 @@ async def run(args: argparse.Namespace, result: Result) -> None:
                 blocking=False,
             )
 
-        steady, naive, call_s = await measure(
-            load, redeploy, "v-promoted", "v-redeployed", args.steady_s, settings.swap_poll_s
-        )
+        steady, naive, call_s = await measure(load, redeploy, "v-redeployed", args.steady_s)
         naive["call_s"] = call_s
         naive["steady_p99_s"] = steady_p99(steady)
         naive["steady_requests"] = len(steady)

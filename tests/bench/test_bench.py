@@ -54,29 +54,27 @@ def _sample(start, first, end, version, status=200):
     return Sample(start=start, first=first, end=end, status=status, version=version)
 
 
-def test_swap_figures_read_the_last_gate_to_reopen():
+def test_swap_figures_wait_for_every_poll_to_name_the_new_version():
     load = ChatLoad("http://127.0.0.1:1")
     load.samples = [
-        _sample(98.0, 98.1, 98.5, "old"),  # steady state
+        _sample(98.0, 98.1, 98.5, "old"),  # steady state: not in the swap's window
         _sample(99.8, 99.9, 100.4, "old"),  # running across the promotion at t=100
-        _sample(100.2, 100.3, 100.6, "old"),  # taken by a replica before it polled
-        _sample(100.3, 101.1, 101.5, "new"),  # held at the closed gate until 101.1
-        _sample(100.4, 100.5, 100.9, "new"),  # another replica, already swapped
-        _sample(102.0, 102.1, 102.5, "new"),
+        _sample(100.3, 101.1, 101.5, "new"),  # held at the closed gate
+        _sample(102.0, 102.1, 102.5, "new"),  # after the swap
         _sample(102.6, None, 102.7, "", status=-1),  # a failure after the swap counts too
     ]
-    figures = swap_figures(load, 100.0, "old", "new", poll_s=0.25)
-    assert figures["last_old_start_s"] == pytest.approx(0.2)
-    assert figures["swap_s"] == pytest.approx(1.1)  # the held request's first chunk
+    polls = [(99.9, "old"), (100.5, "new"), (100.8, "old"), (101.2, "new"), (101.5, "new")]
+    figures = swap_figures(load, polls, 100.0, "new")
+    # 100.5 answered "new" but a replica still answered "old" at 100.8.
+    assert figures["swap_s"] == pytest.approx(1.2)
     assert figures["failed"] == 1
-    # Requests that ended after the promotion and started before the swap was over.
-    assert figures["requests_during"] == 4
+    assert figures["requests_during"] == 2
 
 
 def test_swap_figures_without_a_new_version_answer():
     load = ChatLoad("http://127.0.0.1:1")
     load.samples = [_sample(100.5, 100.6, 101.0, "old")]
-    assert swap_figures(load, 100.0, "old", "new", poll_s=0.25)["swap_s"] is None
+    assert swap_figures(load, [(100.6, "old")], 100.0, "new")["swap_s"] is None
 
 
 def test_profile_summary_ranks_own_and_total_time():
