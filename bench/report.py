@@ -1,5 +1,9 @@
 """docs/BENCHMARKS.md from the result files of one `make bench` run.
 
+A result this machine cannot produce (the training comparison at a realistic size needs a GPU)
+is read from its recorded copy in docs/benchmarks/ when the run has none; its section names the
+machine it ran on. Record one by copying bench/results/<name>.json there after a run on a GPU.
+
 python -m bench.report [--out docs/BENCHMARKS.md]
 """
 
@@ -12,15 +16,18 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT
 
-ORDER = ("serving", "ingest", "swap", "training", "loop")
+ORDER = ("serving", "ingest", "swap", "training", "training-gpu", "loop")
 DOC = ROOT / "docs" / "BENCHMARKS.md"
+RECORDED = ROOT / "docs" / "benchmarks"
 
 
-def load_results(names: tuple[str, ...] = ORDER) -> dict[str, dict[str, Any] | None]:
+def load_results(
+    names: tuple[str, ...] = ORDER, recorded: Path = RECORDED
+) -> dict[str, dict[str, Any] | None]:
     out: dict[str, dict[str, Any] | None] = {}
     for name in names:
-        path = RESULTS_DIR / f"{name}.json"
-        out[name] = json.loads(path.read_text()) if path.exists() else None
+        found = [p for p in (RESULTS_DIR / f"{name}.json", recorded / f"{name}.json") if p.exists()]
+        out[name] = json.loads(found[0].read_text()) if found else None
     return out
 
 
@@ -29,7 +36,8 @@ def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None
     machine = present[0]["machine"] if present else {}
     lines = ["# Benchmarks", ""]
     lines += [
-        "Every figure below comes from one run of `make bench` on the machine described here;",
+        "Every figure below comes from one run of `make bench` on the machine described here,",
+        "except a section that names another machine (a GPU run, recorded in docs/benchmarks/);",
         "each benchmark measures prefloop and its baseline in the same run and states the ratio.",
         "The targets are the ones in DESIGN.md.",
         "",
@@ -65,16 +73,27 @@ def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None
             )
     for result in results.values():
         if result is not None:
-            lines += ["", *_section(result)]
+            lines += ["", *_section(result, machine)]
     return "\n".join(lines) + "\n"
 
 
-def _section(result: dict[str, Any]) -> list[str]:
+def _section(result: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     lines = [
         f"## {result['title']}",
         "",
         f"`{result['command']}`: {result['duration_s']:.0f} s, started {result['started']}.",
     ]
+    own = result["machine"]
+    if (own.get("cpu"), own.get("gpu")) != (machine.get("cpu"), machine.get("gpu")):
+        lines += [
+            "",
+            f"Run on another machine: {own.get('cpu', '?')}, {own.get('cpus', '?')} CPUs, "
+            f"{own.get('memory_gib', '?')} GiB memory, GPU: {own.get('gpu') or 'none'}; "
+            + ", ".join(
+                f"{k} {own[k]}" for k in ("python", "torch", "trl", "transformers") if k in own
+            )
+            + ".",
+        ]
     for table in result["tables"]:
         lines += ["", f"{table['caption']}:", ""]
         lines.append("| " + " | ".join(table["columns"]) + " |")

@@ -96,6 +96,7 @@ def test_profile_summary_ranks_own_and_total_time():
 def test_report_lists_every_target_and_missing_benchmarks(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "RECORDED", tmp_path / "recorded")
     result = Result("swap", "Hot swap", command="python -m bench.swap")
     result.table("2 replicas", ["how", "s"], [["promote", 1.23], ["restart", 102.7]])
     result.target("promote -> serving", 4.66, 2.0, "<=", "s")
@@ -107,3 +108,27 @@ def test_report_lists_every_target_and_missing_benchmarks(tmp_path, monkeypatch)
     assert "| restart | 102.7 |" in text
     assert "10.0 minutes in all" in text
     assert "```\n10 samples\n```" in text
+
+
+def test_report_reads_a_recorded_result_and_names_its_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "results")
+    Result("swap", "Hot swap", command="python -m bench.swap").write()
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    gpu = Result("training-gpu", "DPO on a GPU", command="python -m bench.training --skip-cpu")
+    gpu.target("tuned vs TRL", 1.7, 1.5)
+    gpu.write()
+    (tmp_path / "results" / "training-gpu.json").rename(recorded / "training-gpu.json")
+    body = json.loads((recorded / "training-gpu.json").read_text())
+    body["machine"].update(cpu="Other CPU", gpu="Some GPU, 80 GiB")
+    (recorded / "training-gpu.json").write_text(json.dumps(body))
+
+    results = report.load_results(("swap", "training-gpu", "loop"), recorded)
+    assert results["loop"] is None
+    text = report.render(results)
+    assert "| DPO on a GPU | tuned vs TRL | 1.7x | >= 1.5x | met |" in text
+    gpu_section = text.split("## DPO on a GPU")[1]
+    assert "Run on another machine: Other CPU" in gpu_section
+    assert "GPU: Some GPU, 80 GiB" in gpu_section
+    assert "another machine" not in text.split("## DPO on a GPU")[0].split("## Hot swap")[1]

@@ -79,6 +79,12 @@ def chat(svc: Service, messages, **params) -> dict:
     return r.json()
 
 
+def served_version(svc: Service) -> str:
+    r = httpx.get(f"{svc.base_url}/v1/models", headers=auth(CHAT_KEY), timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["data"][0]["version"]
+
+
 def promote(svc: Service, version: str) -> dict:
     r = httpx.post(
         f"{svc.base_url}/v1/admin/versions/{version}/promote", headers=auth(ADMIN_KEY), timeout=60
@@ -123,9 +129,13 @@ def test_feedback_to_new_version_and_back(loop_service: Service):
     assert set(run.stages) >= {"snapshot", "train", "register", "gate", "promote"}
     new = run.candidate_version_id
 
+    # The replica's engine reports its version on /v1/models; a chat answer takes longer than the
+    # swap on a slow CPU, so the 2 s are read off the poll, then a chat confirms the version.
     deadline = time.monotonic() + 2.0
-    while chat(svc, PROBE)["system_fingerprint"] != new:
+    while served_version(svc) != new:
         assert time.monotonic() < deadline, "replica did not serve the new version within 2 s"
+        time.sleep(0.05)
+    assert chat(svc, PROBE)["system_fingerprint"] == new
     status = httpx.get(f"{svc.base_url}/v1/admin/status", headers=auth(ADMIN_KEY)).json()
     assert status["served_version"]["id"] == new
     assert status["last_run"]["status"] == "promoted"
@@ -185,16 +195,20 @@ def test_swaps_under_steady_load(loop_service: Service):
         text = chat(svc, **greedy)["choices"][0]["message"]["content"]
         assert says_base(text) == (version == "base"), text
 
-    results: list[tuple[int, str, str]] = []
+    # (sent, answered, status, version, text) of every request
+    results: list[tuple[float, float, int, str, str]] = []
     stop = threading.Event()
 
     def client() -> None:
         with httpx.Client(base_url=svc.base_url, headers=auth(CHAT_KEY), timeout=60) as c:
             while not stop.is_set():
+                sent = time.monotonic()
                 r = c.post("/v1/chat/completions", json=greedy)
                 body = r.json() if r.status_code == 200 else {}
                 results.append(
                     (
+                        sent,
+                        time.monotonic(),
                         r.status_code,
                         body.get("system_fingerprint", ""),
                         body.get("choices", [{}])[0].get("message", {}).get("content"),
@@ -204,22 +218,25 @@ def test_swaps_under_steady_load(loop_service: Service):
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    swap_s = []
+    swaps: list[tuple[float, float]] = []
     try:
         for version in (other, "base", other, "base"):
             time.sleep(2.0)
             start = time.monotonic()
             assert promote(svc, version)["serving"] == version
-            swap_s.append(time.monotonic() - start)
+            swaps.append((start, time.monotonic()))
         time.sleep(2.0)
     finally:
         stop.set()
         for t in threads:
             t.join()
 
-    assert len(results) > 20
-    assert [r for r in results if r[0] != 200] == []
-    for _, version, text in results:
+    # The load was steady: requests were in flight when each promotion began.
+    for start, _ in swaps:
+        assert any(sent < start < answered for sent, answered, *_ in results), start
+    assert [r for r in results if r[2] != 200] == []
+    for *_, version, text in results:
         assert says_base(text) == (version == "base"), f"{version} answered {text!r}"
-    assert {v for _, v, _ in results} == {"base", other}
+    assert {r[3] for r in results} == {"base", other}
+    swap_s = [end - start for start, end in swaps]
     assert max(swap_s) < 2.0, swap_s
