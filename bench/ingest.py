@@ -406,8 +406,7 @@ def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
 # Where a replica's time goes: a stack counts toward every marker it contains (inclusive).
 MARKERS = {
     "store transaction (Store.write_batch, in the writer's thread)": "Store.write_batch (",
-    "  referenced generation lookup (_answer)": "_answer (",
-    "  idempotency key lookup (_replay)": "_replay (",
+    "  reads shared by the transaction's events (FeedbackWrite.prefetch)": "prefetch (",
     "  feedback INSERT (Session.flush)": "Session.flush (",
     "  COMMIT": "_commit_impl (",
     "event validation (parse_event)": "parse_event (",

@@ -680,17 +680,6 @@ def report(
         print(result.profile)
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (what vLLM's CPU linear layers need to be fast)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    flags = set(next((ln for ln in info.splitlines() if ln.startswith(("flags", "Features"))), "")
-                .split(":", 1)[-1].split())  # fmt: skip
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 # Entry point -----------------------------------------------------------------------------------
 
 
@@ -774,17 +763,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from service.settings import load_settings
 
+    # The engine's dtype follows the hardware (service.hardware); every server gets prefloop's.
     settings = load_settings()
-    explicit = "PREFLOOP_ENGINE__DTYPE" in os.environ
-    if settings.engine.dtype == "bfloat16" and not explicit and not native_bf16():
-        # Without native bf16 vLLM's CPU linear layers fall back to a path several times slower
-        # than float32; the default run would not fit its time budget.
-        os.environ["PREFLOOP_ENGINE__DTYPE"] = "float32"
-        settings = load_settings()
-        result.note(
-            "this CPU has no native bf16 (avx512_bf16/amx_bf16): all servers run float32 "
-            "instead of prefloop's default bfloat16 (PREFLOOP_ENGINE__DTYPE forces one)"
-        )
     model = embedded_model()
     env = {
         k: v

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,7 +25,7 @@ from service.protocol import (
     PairwiseFeedback,
     ThumbsFeedback,
 )
-from service.store import Feedback, Generation, GroupCommitWriter
+from service.store import Feedback, Generation, GenerationChoice, GroupCommitWriter
 
 EVENT = TypeAdapter(FeedbackEvent)
 Event = ThumbsFeedback | PairwiseFeedback
@@ -55,10 +56,56 @@ def _ack(row: Feedback, replayed: bool) -> FeedbackAck:
     return FeedbackAck(id=row.id, created=int(row.created_at.timestamp()), replayed=replayed)
 
 
+@dataclass(frozen=True)
+class Answered:
+    """What a vote needs of the generation it refers to (not its messages or token ids)."""
+
+    id: str
+    api_key: str
+    model_version: str
+    conversation_hash: str
+    choices: int
+
+
+@dataclass
+class Reads:
+    """What the writes of one transaction read, loaded once for all of them: the generations
+    they refer to and the feedback rows that hold their idempotency keys (None: no such row)."""
+
+    generations: dict[str, Answered]
+    keyed: dict[tuple[str, str], Feedback | None]
+
+
+def _generations(session: Session, ids: set[str]) -> dict[str, Answered]:
+    if not ids:
+        return {}
+    columns = (Generation.id, Generation.api_key, Generation.model_version)
+    rows = session.execute(
+        select(*columns, Generation.conversation_hash, func.count(GenerationChoice.index))
+        .outerjoin(GenerationChoice, GenerationChoice.generation_id == Generation.id)
+        .where(Generation.id.in_(ids))
+        .group_by(*columns, Generation.conversation_hash)
+    )
+    return {row[0]: Answered(*row) for row in rows}
+
+
+def _keyed(session: Session, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Feedback | None]:
+    found: dict[tuple[str, str], Feedback | None] = dict.fromkeys(keys)
+    for api_key in {k for k, _ in keys}:
+        wanted = [key for k, key in keys if k == api_key]
+        rows = session.scalars(
+            select(Feedback).where(
+                Feedback.api_key == api_key, Feedback.idempotency_key.in_(wanted)
+            )
+        )
+        found.update({(api_key, row.idempotency_key or ""): row for row in rows})
+    return found
+
+
 def _answer(
-    session: Session, principal: Principal, response_id: str, choice: int, prefix: str
-) -> Generation:
-    gen = session.get(Generation, response_id)
+    reads: Reads, principal: Principal, response_id: str, choice: int, prefix: str
+) -> Answered:
+    gen = reads.generations.get(response_id)
     if gen is None:
         raise NotFound(
             f"no response with id {response_id!r}",
@@ -71,9 +118,9 @@ def _answer(
             param=f"{prefix}response_id",
             code="response_not_yours",
         )
-    if choice >= len(gen.choices):
+    if choice >= gen.choices:
         raise Unprocessable(
-            f"response {response_id!r} has {len(gen.choices)} choice(s); "
+            f"response {response_id!r} has {gen.choices} choice(s); "
             f"choice_index {choice} does not exist",
             param=f"{prefix}choice_index",
             code="invalid_value",
@@ -81,14 +128,7 @@ def _answer(
     return gen
 
 
-def _replay(session: Session, principal: Principal, event: Event, digest: str) -> Stored | None:
-    if event.idempotency_key is None:
-        return None
-    row = session.scalars(
-        select(Feedback).where(
-            Feedback.api_key == principal.name, Feedback.idempotency_key == event.idempotency_key
-        )
-    ).first()
+def _replay(row: Feedback | None, digest: str) -> Stored | None:
     if row is None:
         return None
     if row.request_hash != digest:
@@ -100,13 +140,45 @@ def _replay(session: Session, principal: Principal, event: Event, digest: str) -
     return Stored(_ack(row, replayed=True), row.kind, "", row.a_model_version)
 
 
-def store_op(principal: Principal, event: Event):
-    """The write for one event, run by the writer inside a savepoint; raises `ApiError`s."""
-    digest = request_hash(event)
+class FeedbackWrite:
+    """The write for one event, run by the writer inside a savepoint; raises `ApiError`s.
 
-    def op(session: Session) -> Stored:
-        replay = _replay(session, principal, event, digest)
-        if replay is not None:
+    The writes of one transaction share their reads: the store calls `prefetch` once with all of
+    them (two queries for a batch of any size instead of two or three per event), then each."""
+
+    def __init__(self, principal: Principal, event: Event):
+        self.principal, self.event = principal, event
+        self.digest = request_hash(event)
+        self.reads: Reads | None = None
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        if self.event.idempotency_key is None:
+            return None
+        return self.principal.name, self.event.idempotency_key
+
+    @property
+    def response_ids(self) -> set[str]:
+        event = self.event
+        if isinstance(event, ThumbsFeedback):
+            return {event.response_id}
+        return {event.a.response_id, event.b.response_id}
+
+    @classmethod
+    def prefetch(cls, session: Session, writes: list[FeedbackWrite]) -> None:
+        reads = Reads(
+            _generations(session, {i for w in writes for i in w.response_ids}),
+            _keyed(session, {k for w in writes if (k := w.key) is not None}),
+        )
+        for write in writes:
+            write.reads = reads
+
+    def __call__(self, session: Session) -> Stored:
+        if self.reads is None:
+            self.prefetch(session, [self])
+        reads, event, principal, key = self.reads, self.event, self.principal, self.key
+        assert reads is not None
+        if key is not None and (replay := _replay(reads.keyed[key], self.digest)):
             return replay
         row = Feedback(
             id=f"fb-{uuid.uuid4().hex}",
@@ -114,12 +186,12 @@ def store_op(principal: Principal, event: Event):
             api_key=principal.name,
             user_id=event.user_id,
             idempotency_key=event.idempotency_key,
-            request_hash=digest,
+            request_hash=self.digest,
             comment=event.comment,
             created_at=datetime.now(UTC),
         )
         if isinstance(event, ThumbsFeedback):
-            gen = _answer(session, principal, event.response_id, event.choice_index, "")
+            gen = _answer(reads, principal, event.response_id, event.choice_index, "")
             row.a_generation_id, row.a_choice_index = gen.id, event.choice_index
             row.a_model_version, row.rating, row.correction = (
                 gen.model_version,
@@ -128,8 +200,8 @@ def store_op(principal: Principal, event: Event):
             )
             value: str = event.rating
         else:
-            a = _answer(session, principal, event.a.response_id, event.a.choice_index, "a.")
-            b = _answer(session, principal, event.b.response_id, event.b.choice_index, "b.")
+            a = _answer(reads, principal, event.a.response_id, event.a.choice_index, "a.")
+            b = _answer(reads, principal, event.b.response_id, event.b.choice_index, "b.")
             if a.conversation_hash != b.conversation_hash:
                 raise Unprocessable(
                     "a and b answer different conversations; a pairwise vote "
@@ -154,13 +226,17 @@ def store_op(principal: Principal, event: Event):
                 session.flush()
         except IntegrityError:
             # Another replica stored the same idempotency key first: answer as its retry.
-            replay = _replay(session, principal, event, digest)
+            if key is None:
+                raise
+            reads.keyed.update(_keyed(session, {key}))
+            replay = _replay(reads.keyed[key], self.digest)
             if replay is None:
                 raise
             return replay
+        if key is not None:
+            # A later event of the same transaction with this key is its retry.
+            reads.keyed[key] = row
         return Stored(_ack(row, replayed=False), event.type, value, row.a_model_version)
-
-    return op
 
 
 class FeedbackService:
@@ -173,21 +249,22 @@ class FeedbackService:
             self._metrics.feedback.labels(stored.kind, stored.value, stored.model_version).inc()
 
     async def submit(self, principal: Principal, event: Event) -> FeedbackAck:
-        stored = await self._writer.submit(store_op(principal, event))
+        stored = await self._writer.submit(FeedbackWrite(principal, event))
         self._count(stored)
         return stored.ack
 
     async def submit_batch(self, principal: Principal, raw: list[dict]) -> list[BatchItemResult]:
         """Each event is validated and stored on its own: one bad event fails alone."""
         results: list[BatchItemResult | None] = [None] * len(raw)
-        ops, positions = [], []
+        ops: list[Callable[[Session], Stored]] = []
+        positions = []
         for i, item in enumerate(raw):
             try:
                 event = parse_event(item, prefix=f"events.{i}.")
             except Unprocessable as bad:
                 results[i] = BatchItemResult(index=i, status=bad.status, error=bad.body()["error"])
                 continue
-            ops.append(store_op(principal, event))
+            ops.append(FeedbackWrite(principal, event))
             positions.append(i)
         for i, outcome in zip(positions, await self._writer.submit_many(ops), strict=True):
             if isinstance(outcome, Stored):

@@ -94,10 +94,18 @@ class Store:
         """Run `ops` in one transaction, each in its own savepoint, and commit once.
 
         An op that raises is rolled back alone; its exception is returned in its place. Results
-        are returned only after the commit, so an acknowledged write is on disk.
+        are returned only after the commit, so an acknowledged write is on disk. Ops of one kind
+        can share their reads: an op with a `prefetch(session, ops)` attribute has it called once,
+        with every op in the batch that carries the same one, before the first op runs.
         """
         results: list[T | Exception] = []
         with self._writes.begin() as session:
+            shared: dict[Callable[[Session, list[Any]], None], list[Any]] = {}
+            for op in ops:
+                if (prefetch := getattr(op, "prefetch", None)) is not None:
+                    shared.setdefault(prefetch, []).append(op)
+            for prefetch, group in shared.items():
+                prefetch(session, group)
             for op in ops:
                 try:
                     with session.begin_nested():

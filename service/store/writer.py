@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -36,7 +36,7 @@ class GroupCommitWriter:
         """Queue `op` and return its result once it is committed; re-raises what `op` raised."""
         return (await self.submit_many([op]))[0]  # type: ignore[return-value]
 
-    async def submit_many(self, ops: list[Callable[[Session], T]]) -> list[T | Exception]:
+    async def submit_many(self, ops: Sequence[Callable[[Session], T]]) -> list[T | Exception]:
         """Queue several ops; each result is its value or the exception it raised."""
         self._ensure_running()
         loop = asyncio.get_running_loop()

@@ -180,6 +180,38 @@ async def test_batch_reports_each_event(client, store):
     assert len(snapshot(store)) == 2
 
 
+async def test_batch_reads_each_events_own_generation_and_key(client, store):
+    # One transaction loads every referenced generation and idempotency key at once: each event
+    # must still get its own answer, owner check, earlier key and in-batch key.
+    mine = [await chat(client, n=2), await chat(client)]
+    theirs = await chat(client, headers=auth(OTHER_KEY))
+    earlier = {"type": "thumbs", "response_id": mine[1], "rating": "down", "idempotency_key": "e"}
+    first = await client.post("/v1/feedback", json=earlier)
+    assert first.status_code == 201
+    events = [
+        {"type": "thumbs", "response_id": mine[0], "choice_index": 1, "rating": "up"},
+        {"type": "thumbs", "response_id": theirs, "rating": "up"},
+        earlier,
+        {**earlier, "rating": "up"},
+        {"type": "thumbs", "response_id": mine[1], "choice_index": 1, "rating": "up"},
+        {"type": "thumbs", "response_id": mine[1], "rating": "up", "idempotency_key": "n"},
+        {"type": "thumbs", "response_id": mine[0], "rating": "up", "idempotency_key": "n"},
+    ]
+    r = await client.post("/v1/feedback/batch", json={"events": events})
+    data = r.json()["data"]
+    assert [d["status"] for d in data] == [201, 403, 200, 409, 422, 201, 409]
+    assert data[2]["feedback"]["id"] == first.json()["id"]
+    assert data[4]["error"]["param"] == "choice_index"
+    with store.reading() as s:
+        stored = {
+            f.id: (f.a_generation_id, f.a_choice_index, f.rating)
+            for f in s.scalars(select(Feedback))
+        }
+    assert stored[data[0]["feedback"]["id"]] == (mine[0], 1, "up")
+    assert stored[data[5]["feedback"]["id"]] == (mine[1], 0, "up")
+    assert len(stored) == 3
+
+
 async def test_batch_envelope_is_validated(client, store):
     r = await client.post("/v1/feedback/batch", json={"events": []})
     assert r.status_code == 422 and r.json()["error"]["param"] == "events"
