@@ -14,10 +14,10 @@ import sys
 import time
 
 from bench.common import RESULTS_DIR
-from bench.report import ORDER, write
+from bench.report import ORDER, RECORDED_NAMES, write
 
-# Every report section but a recorded one (training-gpu: bench.training on a GPU machine).
-BENCHMARKS = tuple(name for name in ORDER if name != "training-gpu")
+# Every report section but the recorded ones (training-gpu: bench.training on a GPU machine).
+BENCHMARKS = tuple(name for name in ORDER if name not in RECORDED_NAMES)
 PROFILED = ("serving", "ingest", "training", "loop")
 
 

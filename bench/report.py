@@ -17,6 +17,8 @@ from typing import Any
 from bench.common import RESULTS_DIR, ROOT
 
 ORDER = ("serving", "ingest", "swap", "training", "training-gpu", "loop")
+# Results made on another machine and kept in RECORDED; never read from a local run's results.
+RECORDED_NAMES = ("training-gpu",)
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 RECORDED = ROOT / "docs" / "benchmarks"
 
@@ -26,14 +28,15 @@ def load_results(
 ) -> dict[str, dict[str, Any] | None]:
     out: dict[str, dict[str, Any] | None] = {}
     for name in names:
-        found = [p for p in (RESULTS_DIR / f"{name}.json", recorded / f"{name}.json") if p.exists()]
-        out[name] = json.loads(found[0].read_text()) if found else None
+        path = (recorded if name in RECORDED_NAMES else RESULTS_DIR) / f"{name}.json"
+        out[name] = json.loads(path.read_text()) if path.exists() else None
     return out
 
 
 def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None = None) -> str:
     present = [r for r in results.values() if r is not None]
     machine = present[0]["machine"] if present else {}
+    here = [r for r in present if not _elsewhere(r, machine)]
     lines = ["# Benchmarks", ""]
     lines += [
         "Every figure below comes from one run of `make bench` on the machine described here,",
@@ -41,7 +44,7 @@ def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None
         "each benchmark measures prefloop and its baseline in the same run and states the ratio.",
         "The targets are the ones in DESIGN.md.",
         "",
-        f"- Run: {_when(present)}" + (f", {run['total_s'] / 60:.1f} minutes in all" if run else ""),
+        f"- Run: {_when(here)}" + (f", {run['total_s'] / 60:.1f} minutes in all" if run else ""),
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
         f"{machine.get('memory_gib', '?')} GiB memory, GPU: {machine.get('gpu') or 'none'}",
         "- Software: "
@@ -68,7 +71,7 @@ def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None
                 t["met"]
             ]
             lines.append(
-                f"| {result['title']} | {t['name']} | {_value(t['value'], t['unit'])} | "
+                f"| {_title(result, machine)} | {t['name']} | {_value(t['value'], t['unit'])} | "
                 f"{t['direction']} {_value(t['goal'], t['unit'])} | {verdict} |"
             )
     for result in results.values():
@@ -77,14 +80,26 @@ def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None
     return "\n".join(lines) + "\n"
 
 
+def _elsewhere(result: dict[str, Any], machine: dict[str, Any]) -> bool:
+    own = result["machine"]
+    return (own.get("cpu"), own.get("gpu")) != (machine.get("cpu"), machine.get("gpu"))
+
+
+def _title(result: dict[str, Any], machine: dict[str, Any]) -> str:
+    if not _elsewhere(result, machine):
+        return str(result["title"])
+    own = result["machine"]
+    return f"{result['title']} ({(own.get('gpu') or own.get('cpu', '?')).split(',')[0]})"
+
+
 def _section(result: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     lines = [
-        f"## {result['title']}",
+        f"## {_title(result, machine)}",
         "",
         f"`{result['command']}`: {result['duration_s']:.0f} s, started {result['started']}.",
     ]
     own = result["machine"]
-    if (own.get("cpu"), own.get("gpu")) != (machine.get("cpu"), machine.get("gpu")):
+    if _elsewhere(result, machine):
         lines += [
             "",
             f"Run on another machine: {own.get('cpu', '?')}, {own.get('cpus', '?')} CPUs, "

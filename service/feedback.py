@@ -141,10 +141,13 @@ def _replay(row: Feedback | None, digest: str) -> Stored | None:
 
 
 class FeedbackWrite:
-    """The write for one event, run by the writer inside a savepoint; raises `ApiError`s.
+    """The write for one event; raises `ApiError`s.
 
     The writes of one transaction share their reads: the store calls `prefetch` once with all of
-    them (two queries for a batch of any size instead of two or three per event), then each."""
+    them (two queries for a batch of any size instead of two or three per event). Every check is
+    made against those reads before anything is added to the session, so the store may `stage`
+    the write (add its row, to be inserted with the others' in one statement at the end) instead
+    of calling it (its own savepoint and INSERT, where a unique-key race is answered as a retry)."""
 
     def __init__(self, principal: Principal, event: Event):
         self.principal, self.event = principal, event
@@ -173,13 +176,50 @@ class FeedbackWrite:
         for write in writes:
             write.reads = reads
 
+    def stage(self, session: Session) -> Stored:
+        """Check the event and add its row to the session, unflushed; raises before adding."""
+        reads, outcome = self._check(session)
+        if isinstance(outcome, Stored):
+            return outcome
+        session.add(outcome)
+        return self._stored(reads, outcome)
+
     def __call__(self, session: Session) -> Stored:
+        """Check the event and insert its row in a savepoint of its own."""
+        reads, outcome = self._check(session)
+        if isinstance(outcome, Stored):
+            return outcome
+        try:
+            with session.begin_nested():
+                session.add(outcome)
+                session.flush()
+        except IntegrityError:
+            # Another replica stored the same idempotency key first: answer as its retry.
+            key = self.key
+            if key is None:
+                raise
+            reads.keyed.update(_keyed(session, {key}))
+            replay = _replay(reads.keyed[key], self.digest)
+            if replay is None:
+                raise
+            return replay
+        return self._stored(reads, outcome)
+
+    def _stored(self, reads: Reads, row: Feedback) -> Stored:
+        if (key := self.key) is not None:
+            # A later event of the same transaction with this key is its retry.
+            reads.keyed[key] = row
+        value = row.rating if row.kind == "thumbs" else row.winner
+        return Stored(_ack(row, replayed=False), row.kind, value or "", row.a_model_version)
+
+    def _check(self, session: Session) -> tuple[Reads, Stored | Feedback]:
+        """The replay of an earlier event with this idempotency key, or the new row."""
         if self.reads is None:
             self.prefetch(session, [self])
         reads, event, principal, key = self.reads, self.event, self.principal, self.key
         assert reads is not None
         if key is not None and (replay := _replay(reads.keyed[key], self.digest)):
-            return replay
+            return reads, replay
         row = Feedback(
             id=f"fb-{uuid.uuid4().hex}",
             kind=event.type,
@@ -198,7 +238,6 @@ class FeedbackWrite:
                 event.rating,
                 event.correction,
             )
-            value: str = event.rating
         else:
             a = _answer(reads, principal, event.a.response_id, event.a.choice_index, "a.")
             b = _answer(reads, principal, event.b.response_id, event.b.choice_index, "b.")
@@ -219,24 +258,8 @@ class FeedbackWrite:
                 event.b.choice_index,
                 b.model_version,
             )
-            row.winner = value = event.winner
-        try:
-            with session.begin_nested():
-                session.add(row)
-                session.flush()
-        except IntegrityError:
-            # Another replica stored the same idempotency key first: answer as its retry.
-            if key is None:
-                raise
-            reads.keyed.update(_keyed(session, {key}))
-            replay = _replay(reads.keyed[key], self.digest)
-            if replay is None:
-                raise
-            return replay
-        if key is not None:
-            # A later event of the same transaction with this key is its retry.
-            reads.keyed[key] = row
-        return Stored(_ack(row, replayed=False), event.type, value, row.a_model_version)
+            row.winner = event.winner
+        return reads, row
 
 
 class FeedbackService:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store.schema import Feedback, Generation, PreferenceSnapshot
@@ -91,14 +92,28 @@ class Store:
         self._read_engine.dispose()
 
     def write_batch(self, ops: Sequence[Callable[[Session], T]]) -> list[T | Exception]:
-        """Run `ops` in one transaction, each in its own savepoint, and commit once.
+        """Run `ops` in one transaction and commit once; an op that raises fails alone, its
+        exception returned in its place. Results are returned only after the commit, so an
+        acknowledged write is on disk.
 
-        An op that raises is rolled back alone; its exception is returned in its place. Results
-        are returned only after the commit, so an acknowledged write is on disk. Ops of one kind
-        can share their reads: an op with a `prefetch(session, ops)` attribute has it called once,
-        with every op in the batch that carries the same one, before the first op runs.
+        Each op runs in its own savepoint, except one with a `stage(session)` method, which
+        checks and adds its rows without flushing and raises, if at all, before adding: staged
+        rows are flushed together at the end (one multi-row INSERT per table instead of a
+        savepoint and an INSERT each). If that flush breaks a constraint (another writer took a
+        unique key in the meantime), the batch runs again with every op in its own savepoint, so
+        that the op concerned answers alone. Ops of one kind can share their reads: an op with a
+        `prefetch(session, ops)` attribute has it called once, with every op in the batch that
+        carries the same one, before the first op runs.
         """
-        results: list[T | Exception] = []
+        try:
+            return self._write_batch(ops, staged=True)
+        except IntegrityError:
+            logger.info("a staged batch of %d writes conflicted; writing each apart", len(ops))
+            return self._write_batch(ops, staged=False)
+
+    def _write_batch(
+        self, ops: Sequence[Callable[[Session], T]], staged: bool
+    ) -> list[T | Exception]:
         with self._writes.begin() as session:
             shared: dict[Callable[[Session, list[Any]], None], list[Any]] = {}
             for op in ops:
@@ -106,12 +121,19 @@ class Store:
                     shared.setdefault(prefetch, []).append(op)
             for prefetch, group in shared.items():
                 prefetch(session, group)
-            for op in ops:
+            # Savepoints flush what is pending: the staged ops run after the others.
+            stages = [getattr(op, "stage", None) if staged else None for op in ops]
+            results: list[T | Exception] = [RuntimeError("not run")] * len(ops)
+            for i in sorted(range(len(ops)), key=lambda i: stages[i] is not None):
                 try:
-                    with session.begin_nested():
-                        results.append(op(session))
+                    if (stage := stages[i]) is not None:
+                        results[i] = stage(session)
+                    else:
+                        with session.begin_nested():
+                            results[i] = ops[i](session)
                 except Exception as exc:
-                    results.append(exc)
+                    results[i] = exc
+            session.flush()
         return results
 
     def write_one(self, op: Callable[[Session], T]) -> T:

@@ -127,8 +127,8 @@ def test_report_reads_a_recorded_result_and_names_its_machine(tmp_path, monkeypa
     results = report.load_results(("swap", "training-gpu", "loop"), recorded)
     assert results["loop"] is None
     text = report.render(results)
-    assert "| DPO on a GPU | tuned vs TRL | 1.7x | >= 1.5x | met |" in text
-    gpu_section = text.split("## DPO on a GPU")[1]
+    assert "| DPO on a GPU (Some GPU) | tuned vs TRL | 1.7x | >= 1.5x | met |" in text
+    gpu_section = text.split("## DPO on a GPU (Some GPU)")[1]
     assert "Run on another machine: Other CPU" in gpu_section
     assert "GPU: Some GPU, 80 GiB" in gpu_section
     assert "another machine" not in text.split("## DPO on a GPU")[0].split("## Hot swap")[1]

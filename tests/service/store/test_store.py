@@ -57,6 +57,58 @@ def test_a_failing_write_rolls_back_alone(store):
     assert store.get_generation("g1").choices[0].text == "hello"
 
 
+def test_staged_writes_insert_together_and_a_conflict_is_answered_alone(store):
+    from service.auth import Principal
+    from service.feedback import FeedbackWrite, parse_event
+    from service.store import Feedback
+
+    store.write_batch([add("g1"), add("g2")])
+    voter = Principal("app", frozenset({"feedback"}))
+
+    def vote(gid: str, key: str) -> FeedbackWrite:
+        body = {"type": "thumbs", "response_id": gid, "rating": "up", "idempotency_key": key}
+        return FeedbackWrite(voter, parse_event(body))
+
+    staged = store.write_batch([vote("g1", "k1"), vote("g2", "k2"), vote("nope", "k3")])
+    assert [type(r).__name__ for r in staged] == ["Stored", "Stored", "NotFound"]
+    assert store.count(Feedback) == 2
+
+    # Another writer stores key "k4" after this batch read its keys, before the batch's INSERT:
+    # the multi-row INSERT conflicts, and the batch is written again op by op, where the vote
+    # with "k4" is answered as a retry of the other writer's row and the rest are stored.
+    class Rival:
+        prefetch_calls = 0
+
+        @classmethod
+        def prefetch(cls, session, ops):
+            cls.prefetch_calls += 1
+
+        def __call__(self, session):
+            row = Feedback(
+                id=f"fb-rival-{Rival.prefetch_calls}",
+                kind="thumbs",
+                api_key="app",
+                idempotency_key="k4",
+                request_hash=vote("g1", "k4").digest,
+                a_generation_id="g1",
+                a_choice_index=0,
+                a_model_version="base",
+                rating="up",
+                created_at=datetime.now(UTC),
+            )
+            session.add(row)
+            return "rival"
+
+    results = store.write_batch([vote("g2", "k5"), Rival(), vote("g1", "k4"), vote("g2", "k6")])
+    assert Rival.prefetch_calls == 2
+    assert results[1] == "rival"
+    assert [results[i].ack.replayed for i in (0, 2, 3)] == [False, True, False]
+    with store.reading() as s:
+        keys = {f.idempotency_key: f.id for f in s.query(Feedback)}
+    assert sorted(keys) == ["k1", "k2", "k4", "k5", "k6"]
+    assert results[2].ack.id == keys["k4"] == "fb-rival-2"
+
+
 def test_acknowledged_writes_survive_reopening(store):
     store.write_batch([add("g1", "kept")])
     store.close()
