@@ -132,3 +132,39 @@ def test_report_reads_a_recorded_result_and_names_its_machine(tmp_path, monkeypa
     assert "Run on another machine: Other CPU" in gpu_section
     assert "GPU: Some GPU, 80 GiB" in gpu_section
     assert "another machine" not in text.split("## DPO on a GPU")[0].split("## Hot swap")[1]
+
+
+def test_serving_target_is_the_mean_of_the_abba_rounds(tmp_path, monkeypatch):
+    import argparse
+
+    from bench import serving
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+
+    def run(label: str, tok_s: float, ttft: float, round_: int = 1) -> serving.Run:
+        figures = {
+            "output_throughput": tok_s,
+            "median_ttft_ms": ttft,
+            "p99_ttft_ms": ttft * 2,
+            "median_itl_ms": 40.0,
+            "p99_itl_ms": 90.0,
+            "output_lens": [64, 64],
+            "failed": 0,
+        }
+        return serving.Run(label, 8, figures, round_)
+
+    ours, stock = serving.LABELS["prefloop"], serving.LABELS["vllm"]
+    entries = [serving.Entry("prefloop", ours), serving.Entry("vllm", stock)]
+    # The machine got faster during the run: each server's two rounds differ, the means agree.
+    runs = [run(ours, 100.0, 1000.0), run(stock, 90.0, 1100.0)]
+    runs += [run(stock, 130.0, 900.0, 2), run(ours, 120.0, 950.0, 2)]
+    args = argparse.Namespace(concurrency=[8], prompts=[24], input_len=128, output_len=64)
+    result = Result("serving", "Serving overhead", command="python -m bench.serving")
+    serving.report(result, entries, runs, {}, args)
+
+    ratio, ttft = result.targets
+    assert ratio.value == round(110.0 / 110.0, 3) and ratio.met
+    assert ttft.value == round((1000.0 + 950.0) / 2 - (1100.0 + 900.0) / 2, 1)
+    first_pass = result.tables[0]["rows"]
+    assert [row[:3] for row in first_pass] == [[ours, 100.0, 1.111], [stock, 90.0, 1.0]]
+    assert [row[:2] for row in result.tables[1]["rows"]] == [[stock, 130.0], [ours, 120.0]]
