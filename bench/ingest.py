@@ -66,7 +66,7 @@ def bare_app(keys: list[Any]) -> Any:
 
     from service.auth import Authenticator, Principal
     from service.errors import Unprocessable, install_error_handlers
-    from service.feedback import parse_event
+    from service.feedback import parse_event, with_header_key
     from service.protocol import (
         BatchItemResult,
         FeedbackAck,
@@ -100,13 +100,7 @@ def bare_app(keys: list[Any]) -> Any:
         response: Response,
         idempotency_key: Annotated[str | None, Header()] = None,
     ) -> FeedbackAck:
-        event = parse_event(raw)
-        if idempotency_key is not None and event.idempotency_key not in (None, idempotency_key):
-            raise Unprocessable(
-                "the Idempotency-Key header and the idempotency_key field differ",
-                param="idempotency_key",
-                code="invalid_value",
-            )
+        with_header_key(parse_event(raw), idempotency_key)
         return ack()
 
     @app.post("/v1/feedback/batch")

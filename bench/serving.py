@@ -466,7 +466,7 @@ def second_round(
     prompts = args.prompts[args.concurrency.index(TARGET_CONCURRENCY)]
     again = argparse.Namespace(
         **{**vars(args), "concurrency": [TARGET_CONCURRENCY], "prompts": [prompts],
-           "profile": False, "pin": args.pin}
+           "profile": False}
     )  # fmt: skip
     runs = []
     for label in pair:

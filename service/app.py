@@ -17,8 +17,8 @@ from service.admin import admin_router
 from service.auth import Authenticator, Principal
 from service.chat import ChatService
 from service.engine import PolicyEngine
-from service.errors import ApiError, Unprocessable, install_error_handlers
-from service.feedback import FeedbackService, parse_event
+from service.errors import ApiError, install_error_handlers
+from service.feedback import FeedbackService, parse_event, with_header_key
 from service.metrics import Metrics
 from service.protocol import (
     ChatCompletion,
@@ -159,15 +159,7 @@ def build_app(
         response: Response,
         idempotency_key: Annotated[str | None, Header()] = None,
     ) -> FeedbackAck:
-        event = parse_event(raw)
-        if idempotency_key is not None:
-            if event.idempotency_key not in (None, idempotency_key):
-                raise Unprocessable(
-                    "the Idempotency-Key header and the idempotency_key field differ",
-                    param="idempotency_key",
-                    code="invalid_value",
-                )
-            event.idempotency_key = idempotency_key
+        event = with_header_key(parse_event(raw), idempotency_key)
         ack = await feedback.submit(who, event)
         if ack.replayed:
             response.status_code = 200

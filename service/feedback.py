@@ -52,6 +52,19 @@ def parse_event(raw: object, prefix: str = "") -> Event:
         raise unprocessable(exc.errors()[0], prefix=prefix) from None
 
 
+def with_header_key(event: Event, header: str | None) -> Event:
+    """The event with the `Idempotency-Key` header's key; a body that names another is a 422."""
+    if header is not None:
+        if event.idempotency_key not in (None, header):
+            raise Unprocessable(
+                "the Idempotency-Key header and the idempotency_key field differ",
+                param="idempotency_key",
+                code="invalid_value",
+            )
+        event.idempotency_key = header
+    return event
+
+
 def _ack(row: Feedback, replayed: bool) -> FeedbackAck:
     return FeedbackAck(id=row.id, created=int(row.created_at.timestamp()), replayed=replayed)
 
@@ -79,12 +92,17 @@ class Reads:
 def _generations(session: Session, ids: set[str]) -> dict[str, Answered]:
     if not ids:
         return {}
-    columns = (Generation.id, Generation.api_key, Generation.model_version)
+    columns = (
+        Generation.id,
+        Generation.api_key,
+        Generation.model_version,
+        Generation.conversation_hash,
+    )
     rows = session.execute(
-        select(*columns, Generation.conversation_hash, func.count(GenerationChoice.index))
+        select(*columns, func.count(GenerationChoice.index))
         .outerjoin(GenerationChoice, GenerationChoice.generation_id == Generation.id)
         .where(Generation.id.in_(ids))
-        .group_by(*columns, Generation.conversation_hash)
+        .group_by(*columns)
     )
     return {row[0]: Answered(*row) for row in rows}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import build_tokenizer
+from bench.training import byte_tokenizer
 from training.evaluation import (
     heldout_reward_stats,
     implicit_rewards,
@@ -71,7 +71,7 @@ def test_sequence_logps_sums_answer_tokens_only(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    tokenizer = build_tokenizer()
+    tokenizer = byte_tokenizer()
     # Rows of different lengths, so batching pads.
     rows = [*pair_rows[:2], {**pair_rows[2], "prompt": [{"role": "user", "content": "Hi?"}]}]
     chosen, rejected = sequence_logps(model, tokenizer, rows, max_length=192, batch_size=2)

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import training.trainer as trainer_module
-from tests.training.conftest import build_tokenizer, write_jsonl
+from bench.training import byte_tokenizer
+from tests.training.conftest import write_jsonl
 from training.config import TrainConfig
 from training.trainer import TrainJob, fit_prompts, run_training, train_loop
 
@@ -163,7 +164,7 @@ def test_iterative_dpo_trains_the_served_adapter_against_a_frozen_copy(
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     served = PeftModel.from_pretrained(base, str(parent_adapter_dir)).eval()
-    chosen, rejected = sequence_logps(served, build_tokenizer(), pair_rows, max_length=192)
+    chosen, rejected = sequence_logps(served, byte_tokenizer(), pair_rows, max_length=192)
     first = summary["step_metrics"][0]
     assert first["logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-4)
     assert first["logps/rejected"] == pytest.approx(rejected.mean().item(), rel=1e-4)
@@ -210,7 +211,7 @@ def test_full_finetune_saves_weights_and_tokenizer(
 
 
 def test_fit_prompts_drops_old_turns_then_rows() -> None:
-    tokenizer = build_tokenizer()
+    tokenizer = byte_tokenizer()
     system = {"role": "system", "content": "Be brief."}
     long_history = [
         system,
