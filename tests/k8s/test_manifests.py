@@ -1,12 +1,14 @@
 """The Kubernetes manifests under k8s/, checked without a cluster.
 
-KubeRay objects are validated against the OpenAPI schemas of KubeRay's CRDs (../shared/k8s/crds/
-beside the repository), made strict: the API server silently drops a field its schema does not
-know, so a misspelt field would pass a lenient check here and vanish there. Every `PREFLOOP_`
-variable must name a setting and hold a value the settings accept; the Serve config must agree
-with deploy/serve_config.yaml and service/deployment.py; the data volume must be shared and mounted
-at PREFLOOP_DATA_DIR; no Secret may be applied from the repository. Where kubectl is installed,
-`kubectl kustomize` renders the base and each overlay and the rendered objects are checked too.
+KubeRay objects are validated against the OpenAPI schemas of KubeRay's CRDs (the folder named by
+KUBERAY_CRDS_DIR, else ../shared/k8s/crds/ beside the repository; without either those tests
+skip, except under CI=true, where they fail), made strict: the API server silently drops a field
+its schema does not know, so a misspelt field would pass a lenient check here and vanish there.
+Every `PREFLOOP_` variable must name a setting and hold a value the settings accept; the Serve
+config must agree with deploy/serve_config.yaml and service/deployment.py; the data volume must
+be shared and mounted at PREFLOOP_DATA_DIR; no Secret may be applied from the repository. Where
+kubectl is installed, `kubectl kustomize` renders the base and each overlay and the rendered
+objects are checked too.
 
     .venv/bin/pytest tests/k8s -q
 """
@@ -36,7 +38,7 @@ from service.settings import _NOT_FIELDS, OFFLINE_SECTIONS, Settings, settings_e
 from training.config import TrainingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "k8s" / "crds"
+CRDS = Path(os.environ.get("KUBERAY_CRDS_DIR") or ROOT.parent / "shared" / "k8s" / "crds")
 K8S = ROOT / "k8s"
 BASE = K8S / "base"
 OVERLAYS = sorted(p.parent for p in K8S.glob("overlays/*/kustomization.yaml"))
@@ -157,10 +159,15 @@ def schema_errors(schemas: dict[tuple[str, str], Doc], obj: Doc) -> list[str]:
 def schemas() -> dict[tuple[str, str], Doc]:
     """(apiVersion, kind) -> the strict OpenAPI v3 schema of that CRD version."""
     if not CRDS.is_dir():
-        pytest.fail(
+        message = (
             f"KubeRay's CRDs are missing: {CRDS} should hold the RayService, RayJob and "
-            "RayCluster CustomResourceDefinitions (DESIGN.md: ../shared/k8s/crds/)"
+            "RayCluster CustomResourceDefinitions; set KUBERAY_CRDS_DIR to a folder holding "
+            "KubeRay v1.7.0's CRD files (ray-operator/config/crd/bases/ in KubeRay's repository)"
         )
+        # CI provides them: a missing folder there is a broken run, not a user's clone.
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     found = {}
     for path in sorted(CRDS.glob("*.yaml")):
         for crd in yaml.load_all(path.read_text(), Loader=FAST_LOADER):
