@@ -33,13 +33,96 @@ class SnapshotConfig(BaseModel):
     window_hours: float = Field(default=168.0, gt=0, description="used when mode is window")
 
 
+class SFTConfig(BaseModel):
+    """`train.sft`: supervised fine-tuning on what users endorsed (thumbs-up answers, corrections).
+    Shares LoRA, lengths, batch size, bf16 and resources with `train`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="rlhf: run SFT before the reward model and PPO")
+    # TRL's SFT docs suggest about 1e-4 for adapters; corrections are few and short.
+    learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
+    epochs: float = Field(default=2.0, gt=0, le=20)
+
+
+class RewardConfig(BaseModel):
+    """`train.reward`: a Bradley-Terry reward model (TRL's RewardTrainer) on the pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
+    # InstructGPT, Llama 2 and N+ trained reward models one epoch: more overfits.
+    epochs: float = Field(default=1.0, gt=0, le=20)
+    center_rewards_coefficient: float | None = Field(
+        default=0.01, ge=0, description="TRL's centring term (Eisenstein et al.); None: off"
+    )
+    retrain_after: int = Field(
+        default=32,
+        ge=0,
+        description="reuse the newest reward model until this many new training pairs arrived "
+        "since its snapshot; 0: train one every cycle",
+    )
+
+
+class PPOConfig(BaseModel):
+    """`train.ppo`: PPO against the reward model with a KL penalty to the policy it starts from.
+
+    The defaults follow the small-scale recipes (Ziegler et al. 2019; the N+ implementation details)
+    scaled to a CPU cycle: a few hundred episodes instead of a million, so the adaptive KL
+    controller's horizon is the job's episode count, not 10,000.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="rlhf: false stops after the reward model")
+    iterations: int = Field(default=8, ge=1, description="rollout batches per job")
+    rollouts_per_iteration: int = Field(default=16, ge=2, description="prompts sampled each time")
+    epochs: int = Field(default=2, ge=1, description="PPO epochs over each rollout batch")
+    minibatch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=96, ge=8, le=1024)
+    temperature: float = Field(default=0.7, gt=0, le=2.0)
+    learning_rate: float = Field(default=3e-5, gt=0, le=1e-2, description="policy (LoRA)")
+    value_learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
+    clip_range: float = Field(default=0.2, gt=0, lt=1)
+    value_clip_range: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, ge=0)
+    entropy_coef: float = Field(default=0.0, ge=0)
+    gamma: float = Field(default=1.0, gt=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    kl_coef: float = Field(default=0.05, ge=0, description="initial KL coefficient")
+    kl_target: float | None = Field(
+        default=6.0,
+        gt=0,
+        description="per-sequence KL (nats) the adaptive controller aims at; "
+        "None: fixed coefficient",
+    )
+    kl_horizon: float | None = Field(
+        default=None,
+        gt=0,
+        description="adaptive controller's horizon in episodes; None: the job's episode count",
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="per-token KL in rewards")
+    whiten_rewards: bool = False
+    reward_clip: float | None = Field(default=10.0, gt=0, description="clip normalised scores")
+    missing_eos_penalty: float = Field(
+        default=1.0, ge=0, description="subtracted from the score of an answer that never ended"
+    )
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
 
-    algorithm: Literal["auto", "dpo", "kto"] = Field(
+    algorithm: Literal["auto", "dpo", "kto", "rlhf"] = Field(
         default="auto",
-        description="auto: dpo when the snapshot has training pairs, else kto on unpaired thumbs",
+        description="auto: dpo when the snapshot has training pairs, else kto on unpaired thumbs; "
+        "rlhf: SFT -> reward model -> PPO (stages switched by train.sft / train.ppo)",
     )
+    sft_first: bool = Field(
+        default=False, description="dpo / kto: an SFT stage on endorsed answers first"
+    )
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
     beta: float = Field(
         default=0.1, gt=0, description="strength of the KL penalty to the reference"
     )
@@ -95,6 +178,26 @@ class GateConfig(BaseModel):
         default=1, ge=0, description="with fewer held-out pairs the accuracy check is skipped"
     )
     canary_prompt: str = "How do I reset my password?"
+    min_win_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="rlhf: the reward model must prefer the candidate's held-out answers to the "
+        "served version's at least this often (ties count half)",
+    )
+    max_kl: float = Field(
+        default=10.0,
+        gt=0,
+        description="rlhf: mean per-answer KL (nats) of the candidate to the served version",
+    )
+    max_length_change: float = Field(
+        default=0.5,
+        gt=0,
+        description="rlhf: mean answer length may move at most this share from the served one's",
+    )
+    eval_prompts: int = Field(
+        default=16, ge=1, description="rlhf: held-out prompts the win rate and KL are measured on"
+    )
 
 
 class SchedulerConfig(BaseModel):

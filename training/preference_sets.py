@@ -1,12 +1,13 @@
-"""Preference sets: stored feedback in, a versioned snapshot of DPO pairs and KTO rows out.
+"""Preference sets: stored feedback in, a versioned snapshot of DPO pairs, KTO rows and SFT
+demonstrations out.
 
 `build(store, cfg)` reads the feedback a snapshot considers and applies the rules below (it writes
 nothing); `write_snapshot(store, data_dir, pset)` freezes the result as
-`data_dir/snapshots/<id>/{pairs_train,pairs_heldout,kto_train,kto_heldout}.jsonl` plus a
-`manifest.json` and records it as a `PreferenceSnapshot`. Rows are TRL's conversational formats
-(`service.export`); which feedback and model versions produced each row is kept in the manifest's
-`provenance`, one list per file, aligned with its lines. The rules are pure functions over `Vote`s
-(one feedback row with its texts), so they are tested without a database.
+`data_dir/snapshots/<id>/{pairs,kto,sft}_{train,heldout}.jsonl` plus a `manifest.json` and records
+it as a `PreferenceSnapshot`. Rows are TRL's conversational formats (`service.export`, and
+`sft_row` for SFT's prompt-completion rows); which feedback and model versions produced each row is
+kept in the manifest's `provenance`, one list per file, aligned with its lines. The rules are pure
+functions over `Vote`s (one feedback row with its texts), so they are tested without a database.
 
 Which feedback: mode `incremental` takes feedback whose id is in no earlier snapshot's
 `feedback_ids` (so answers rated in different snapshots are never paired with each other); mode
@@ -37,7 +38,14 @@ The rules, in the order they apply:
    label) (`kto_duplicates_removed`).
 7. Held-out split by prompt: sha256 of the canonical JSON of the prompt messages
    (`service.chat.conversation_hash`); held out when its first 8 hex digits / 2**32 <
-   `heldout_fraction`. All rows of one prompt, pairs and KTO alike, land on the same side.
+   `heldout_fraction`. All rows of one prompt, pairs, KTO and SFT alike, land on the same side.
+8. SFT rows are what users endorsed: every thumbs-up answer, and every correction (on a thumbs-up
+   or a thumbs-down; a person wrote it, model version `human`) that differs from its answer after
+   strip. Pairwise votes give none: they say "better", not "good". Unlike rule 4, a thumbs gives
+   its SFT rows whether or not it took part in a pair; to keep it simple, every thumbs-up counts,
+   even on an answer that also got a thumbs-down or lost a pair. One row per conversation and
+   completion text after strip (`sft_duplicates_removed` counts the rest), holding the first
+   vote's text; its provenance lists all their feedback ids.
 
 Feedback is read in (created_at, id) order and each row sits where its first vote appeared (a
 thumbs pair appears with the later of its two thumbs), so the same feedback gives byte-identical
@@ -75,7 +83,7 @@ from training.config import SnapshotConfig
 
 logger = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
-FILES = ("pairs_train", "pairs_heldout", "kto_train", "kto_heldout")
+FILES = ("pairs_train", "pairs_heldout", "kto_train", "kto_heldout", "sft_train", "sft_heldout")
 COUNTS = (
     "feedback_seen",
     "unresolved",  # feedback whose answer text could not be found
@@ -86,6 +94,7 @@ COUNTS = (
     "outvoted",
     "duplicates_removed",
     "kto_duplicates_removed",
+    "sft_duplicates_removed",
     *FILES,
 )
 HUMAN = "human"  # the model version recorded for a correction: a person wrote it
@@ -136,6 +145,8 @@ class PreferenceSet:
     pairs_heldout: list[dict[str, Any]]
     kto_train: list[dict[str, Any]]
     kto_heldout: list[dict[str, Any]]
+    sft_train: list[dict[str, Any]]
+    sft_heldout: list[dict[str, Any]]
     provenance: dict[str, list[dict[str, list[str]]]]  # file name -> one entry per line
     feedback_ids: list[str]  # every feedback considered, used or not
     counts: dict[str, int]
@@ -230,15 +241,48 @@ def unpaired(votes: Sequence[Vote], used: set[str]) -> tuple[list[Row], Counter[
             if key in rows:
                 counts["kto_duplicates_removed"] += 1
             else:
-                empty: dict[str, list[str]] = {"feedback_ids": [], "model_versions": []}
-                rows[key] = Row(v.prompt, kto_row(v.prompt, answer.text, label), empty)
-            provenance = rows[key].provenance
-            provenance["feedback_ids"].append(v.id)
-            versions = provenance["model_versions"]
-            if answer.version not in versions:
-                versions.append(answer.version)
-                versions.sort()
+                rows[key] = Row(v.prompt, kto_row(v.prompt, answer.text, label), _sources())
+            _credit(rows[key].provenance, v.id, answer.version)
     return list(rows.values()), counts
+
+
+def sft_row(prompt: Messages, text: str) -> dict[str, Any]:
+    """TRL's conversational prompt-completion row: SFTTrainer's loss covers the completion only."""
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": text}]}
+
+
+def sft_rows(votes: Sequence[Vote]) -> tuple[list[Row], Counter[str]]:
+    """Rule 8: thumbs-up answers and corrections, one row per conversation and stripped text."""
+    counts: Counter[str] = Counter()
+    rows: dict[tuple[str, str], Row] = {}
+    for v in votes:
+        if v.b is not None:
+            continue
+        items = [v.a] if v.rating == "up" else []
+        if v.correction and v.correction.strip() != v.a.text.strip():
+            items.append(Answer(v.correction, HUMAN))
+        for answer in items:
+            key = (conversation_hash(v.prompt), answer.text.strip())
+            if key in rows:
+                counts["sft_duplicates_removed"] += 1
+            else:
+                rows[key] = Row(v.prompt, sft_row(v.prompt, answer.text), _sources())
+            _credit(rows[key].provenance, v.id, answer.version)
+    return list(rows.values()), counts
+
+
+def _sources() -> dict[str, list[str]]:
+    """The provenance of a KTO or SFT row before its first vote is credited."""
+    return {"feedback_ids": [], "model_versions": []}
+
+
+def _credit(provenance: dict[str, list[str]], feedback_id: str, version: str) -> None:
+    """Add one vote to a KTO or SFT row's provenance; its versions stay sorted and unique."""
+    provenance["feedback_ids"].append(feedback_id)
+    versions = provenance["model_versions"]
+    if version not in versions:
+        versions.append(version)
+        versions.sort()
 
 
 def heldout(prompt: Messages, fraction: float) -> bool:
@@ -249,18 +293,19 @@ def heldout(prompt: Messages, fraction: float) -> bool:
 def assemble(
     votes: Sequence[Vote], feedback_ids: list[str], heldout_fraction: float, created_at: datetime
 ) -> PreferenceSet:
-    """All rules over the votes, split into the four files."""
+    """All rules over the votes, split into the six files."""
     candidates, used, counts = pair_candidates(votes)
     pairs, pair_counts = resolve(candidates)
     kto, kto_counts = unpaired(votes, used)
+    sft, sft_counts = sft_rows(votes)
     files: dict[str, list[dict[str, Any]]] = {name: [] for name in FILES}
     provenance: dict[str, list[dict[str, list[str]]]] = {name: [] for name in FILES}
-    for kind, rows in (("pairs", pairs), ("kto", kto)):
+    for kind, rows in (("pairs", pairs), ("kto", kto), ("sft", sft)):
         for row in rows:
             name = f"{kind}_{'heldout' if heldout(row.prompt, heldout_fraction) else 'train'}"
             files[name].append(row.trl)
             provenance[name].append(row.provenance)
-    counts += pair_counts + kto_counts
+    counts += pair_counts + kto_counts + sft_counts
     counts.update({name: len(rows) for name, rows in files.items()})
     counts["feedback_seen"] = len(feedback_ids)
     return PreferenceSet(

@@ -1,4 +1,5 @@
-"""DPO / KTO training as a Ray Train job: TRL's trainers inside a `TorchTrainer`.
+"""DPO, KTO, SFT and reward-model training as a Ray Train job: TRL's trainers inside a
+`TorchTrainer`.
 
 `run_training(job)` is the driver side: it starts `train_loop` on `config.num_workers` Ray Train
 workers and returns the saved artifact's folder with the per-step metrics. `train_loop` is the
@@ -13,6 +14,10 @@ LoRA by default. A fresh adapter is trained against the base model; when the ser
 itself an adapter, that adapter is trained further against a frozen copy of it (TRL adds it as the
 "ref" adapter), so every version stays one LoRA on the base, which vLLM serves directly. Full
 fine-tuning (`config.lora=False`) trains all weights against a frozen copy of the starting model.
+SFT (`train.sft` settings) trains the same way on prompt-completion rows, with the loss on the
+answer tokens only. A reward model is the policy's weights under a scalar head (a LoRA on them,
+merged when saved, or all weights), trained on `service.scoring.render`'s token ids, the same ones
+it is later scored on; rank 0 then measures it on the held-out pairs (`eval_file`).
 
 Resources: each worker asks Ray for `cpus_per_worker` CPUs (and one GPU with `use_gpu`). On the
 2-CPU embedded box a local Ray cluster has 2 logical CPUs, so the one default worker (2 CPUs)
@@ -29,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +44,13 @@ from training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "train_metrics.json"
-REQUIRED_KEYS = {"dpo": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label")}
+REQUIRED_KEYS = {
+    "dpo": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
+    "sft": ("prompt", "completion"),
+    "reward": ("prompt", "chosen", "rejected"),
+}
+Algorithm = Literal["dpo", "kto", "sft", "reward"]
 
 
 class TrainingError(RuntimeError):
@@ -51,7 +63,7 @@ class TrainJob:
     preference set (KTO when it has no pairs)."""
 
     run_id: str
-    algorithm: Literal["dpo", "kto"]
+    algorithm: Algorithm
     base_model_path: Path  # HF folder of the full weights the served version runs on
     parent_adapter_path: Path | None  # LoRA folder of the served version; None: it is the base
     train_file: Path  # JSONL of TRL conversational rows (pairs for dpo, labelled rows for kto)
@@ -59,10 +71,14 @@ class TrainJob:
     config: TrainConfig = field(default_factory=TrainConfig)
     # When set, rank 0 appends every logged step to TrainingRun(run_id).step_metrics.
     database_url: str | None = None
+    # reward: held-out pairs the saved model is measured on (accuracy, length baseline).
+    eval_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in REQUIRED_KEYS:
-            raise ValueError(f"algorithm must be 'dpo' or 'kto', got {self.algorithm!r}")
+            raise ValueError(
+                f"algorithm must be one of {sorted(REQUIRED_KEYS)}, got {self.algorithm!r}"
+            )
         if self.algorithm == "kto" and self.config.batch_size < 2:
             # KTO estimates its KL term from mismatched pairs inside a batch.
             raise ValueError(
@@ -72,6 +88,10 @@ class TrainJob:
             setattr(self, name, Path(getattr(self, name)))
         if self.parent_adapter_path is not None:
             self.parent_adapter_path = Path(self.parent_adapter_path)
+        if self.algorithm == "reward" and self.parent_adapter_path is not None:
+            raise ValueError("a reward model starts from full weights: parent_adapter_path is None")
+        if self.eval_file is not None:
+            self.eval_file = Path(self.eval_file)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, to cross the process boundary as `train_loop_config`."""
@@ -85,6 +105,7 @@ class TrainJob:
             "output_dir": str(self.output_dir),
             "config": self.config.model_dump(mode="json"),
             "database_url": self.database_url,
+            "eval_file": str(self.eval_file) if self.eval_file is not None else None,
         }
 
     @classmethod
@@ -99,6 +120,7 @@ class TrainJob:
             output_dir=Path(data["output_dir"]),
             config=TrainConfig.model_validate(data["config"]),
             database_url=data.get("database_url"),
+            eval_file=Path(data["eval_file"]) if data.get("eval_file") else None,
         )
 
 
@@ -120,11 +142,27 @@ def run_training(job: TrainJob) -> TrainResult:
     several nodes, `output_dir` must be on storage they all share. Raises `TrainingError` when a
     worker fails.
     """
+    output_dir = job.output_dir.resolve()
+    job = TrainJob.from_dict({**job.to_dict(), "output_dir": str(output_dir)})
+    return fit_on_ray(train_loop, job.to_dict(), job.config, job.run_id, output_dir)
+
+
+def fit_on_ray(
+    loop: Callable[[dict[str, Any]], dict[str, Any]],
+    loop_config: dict[str, Any],
+    cfg: TrainConfig,
+    run_id: str,
+    output_dir: Path,
+) -> TrainResult:
+    """Run `loop(loop_config)` on `cfg.num_workers` Ray Train workers; rank 0's summary back.
+
+    `loop` returns (or writes to `output_dir/train_metrics.json`) a summary with the per-step
+    metrics under "step_metrics". Raises `TrainingError` when a worker fails.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = job.config
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
@@ -137,24 +175,22 @@ def run_training(job: TrainJob) -> TrainResult:
     # captured stdout, and hundreds of bytecode lines reach the console. We log, never print.
     # Ray passes the variable from the driver to the workers; a value the user set wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    output_dir = job.output_dir.resolve()
-    job = TrainJob.from_dict({**job.to_dict(), "output_dir": str(output_dir)})
     trainer = TorchTrainer(
         # Ray Train 2.x hands rank 0's return value back as `Result.return_value`; the type of
         # the parameter still says None.
-        train_loop,  # type: ignore[arg-type]
-        train_loop_config=job.to_dict(),
+        loop,  # type: ignore[arg-type]
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
-        run_config=RunConfig(name=job.run_id, storage_path=str(output_dir.parent / "ray_results")),
+        run_config=RunConfig(name=run_id, storage_path=str(output_dir.parent / "ray_results")),
     )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray raises TrainingFailedError (worker or controller failure)
-        raise TrainingError(f"training run {job.run_id} failed: {exc}") from exc
+        raise TrainingError(f"training run {run_id} failed: {exc}") from exc
     if getattr(result, "error", None) is not None:
-        raise TrainingError(f"training run {job.run_id} failed: {result.error}")
+        raise TrainingError(f"training run {run_id} failed: {result.error}")
 
     report = getattr(result, "return_value", None)
     if not isinstance(report, dict):
@@ -220,7 +256,12 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
             f"no row of {job.train_file} has a prompt that fits train.max_prompt_length "
             f"({cfg.max_prompt_length}); raise it"
         )
-    model, peft_config, ref_model, save_dtype = _load_model(job, use_bf16)
+    if job.algorithm == "reward":
+        model, peft_config, save_dtype = _load_reward_model(job, tokenizer)
+        ref_model = None
+        rows = [_reward_ids(tokenizer, row, cfg.max_length) for row in rows]
+    else:
+        model, peft_config, ref_model, save_dtype = _load_model(job, use_bf16)
 
     from datasets import Dataset
 
@@ -269,6 +310,8 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
         "step_metrics": sink.steps,
     }
     if rank == 0:
+        if job.algorithm == "reward":
+            summary["reward_model"] = _measure_reward_model(trainer.model, tokenizer, job, rows)
         _save(trainer.model, tokenizer, job, save_dtype)
         (job.output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("run %s saved to %s (%s steps)", job.run_id, job.output_dir, len(sink.steps))
@@ -397,13 +440,97 @@ def _load_model(job: TrainJob, use_bf16: bool) -> tuple[Any, Any, Any, Any]:
 
         model = PeftModel.from_pretrained(model, str(job.parent_adapter_path)).merge_and_unload()
     ref_model = None
-    if not cfg.precompute_ref_log_probs:
+    if job.algorithm in ("dpo", "kto") and not cfg.precompute_ref_log_probs:
         # Explicit, because TRL would otherwise reload the base from disk, which after a merge is
         # not the starting model.
         import copy
 
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     return model, None, ref_model, save_dtype
+
+
+def _load_reward_model(job: TrainJob, tokenizer: Any) -> tuple[Any, Any, Any]:
+    """(model, peft_config, dtype to save in): the starting policy's weights under a one-label
+    scalar head. float32 weights: PEFT copies the head to train it, and Adam on bf16 rounds away
+    lr-sized steps (bf16 still runs as autocast)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = job.config
+    stored = getattr(AutoConfig.from_pretrained(str(job.base_model_path)), "dtype", None)
+    save_dtype = getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
+    model: Any = AutoModelForSequenceClassification.from_pretrained(
+        str(job.base_model_path), num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not cfg.lora:
+        return model, None, save_dtype
+    from peft import LoraConfig
+
+    # SEQ_CLS makes PEFT train the new `score` head in full beside the adapter.
+    peft_config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type="SEQ_CLS",
+    )
+    return model, peft_config, save_dtype
+
+
+def _reward_ids(tokenizer: Any, row: dict[str, Any], max_length: int) -> dict[str, list[int]]:
+    """A pair as the token ids the reward model is trained and later scored on (the last
+    `max_length` tokens of each: the scalar is read at the end)."""
+    from service.scoring import render
+
+    return {
+        side: render(tokenizer, row["prompt"], row[name][-1]["content"])[-max_length:]
+        for side, name in (("chosen_ids", "chosen"), ("rejected_ids", "rejected"))
+    }
+
+
+def _measure_reward_model(
+    model: Any, tokenizer: Any, job: TrainJob, train_ids: list[dict[str, list[int]]]
+) -> dict[str, Any]:
+    """What the reward model learned, measured where it is loaded: the mean and spread of its
+    scores on the training answers (PPO normalises by them), and on the held-out pairs its
+    accuracy beside the "longer answer wins" baseline's (ties count half)."""
+    import statistics
+
+    from service.scoring import score_ids
+
+    model.eval()
+    pad = tokenizer.pad_token_id
+    answers = [ids for row in train_ids for ids in (row["chosen_ids"], row["rejected_ids"])]
+    scores = score_ids(model, answers, pad)
+    out: dict[str, Any] = {
+        "score_mean": statistics.fmean(scores),
+        "score_std": statistics.pstdev(scores) or 1.0,
+        "heldout_pairs": 0,
+    }
+    if job.eval_file is None or not job.eval_file.exists() or not job.eval_file.stat().st_size:
+        return out
+    rows = _read_rows(job.eval_file, "reward")
+    pairs = [_reward_ids(tokenizer, row, job.config.max_length) for row in rows]
+    chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad)
+    rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+
+    def words(row: dict[str, Any], side: str) -> int:
+        return len(row[side][-1]["content"].split())
+
+    longer = [
+        1.0 if words(r, "chosen") > words(r, "rejected") else
+        0.5 if words(r, "chosen") == words(r, "rejected") else 0.0
+        for r in rows
+    ]  # fmt: skip
+    out.update(
+        heldout_pairs=len(rows),
+        heldout_accuracy=statistics.fmean(float(m > 0) for m in margins),
+        heldout_margin=statistics.fmean(margins),
+        longer_wins_accuracy=statistics.fmean(longer),
+    )
+    return out
 
 
 def _score_answer_tokens_only() -> None:
@@ -440,15 +567,17 @@ def _build_trainer(
     callback: Any,
 ) -> Any:
     cfg = job.config
+    learning_rate, epochs = {
+        "sft": (cfg.sft.learning_rate, cfg.sft.epochs),
+        "reward": (cfg.reward.learning_rate, cfg.reward.epochs),
+    }.get(job.algorithm, (cfg.learning_rate, cfg.epochs))
     common: dict[str, Any] = {
         "output_dir": scratch,
-        "learning_rate": cfg.learning_rate,
-        "num_train_epochs": cfg.epochs,
+        "learning_rate": learning_rate,
+        "num_train_epochs": epochs,
         "per_device_train_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "beta": cfg.beta,
         "max_length": cfg.max_length,
-        "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
         "bf16": use_bf16,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
@@ -456,9 +585,6 @@ def _build_trainer(
         # TRL turns it on by default. On CPU the models that fit are compute-bound, and
         # recomputing activations (about 20% slower, per TRL) buys memory that isn't short.
         "gradient_checkpointing": cfg.use_gpu,
-        # TRL zeroes every dropout module by default, LoRA's included: keep them when the config
-        # asks for LoRA dropout, or the setting would silently do nothing.
-        "disable_dropout": not (cfg.lora and cfg.lora_dropout > 0),
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": [],
@@ -466,28 +592,54 @@ def _build_trainer(
         "dataloader_num_workers": 0,  # tokenized rows are in memory; workers would only fork
         "dataloader_pin_memory": cfg.use_gpu,
     }
+    preference: dict[str, Any] = {
+        "beta": cfg.beta,
+        "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+        # TRL zeroes every dropout module by default, LoRA's included: keep them when the config
+        # asks for LoRA dropout, or the setting would silently do nothing.
+        "disable_dropout": not (cfg.lora and cfg.lora_dropout > 0),
+    }
+    extra: dict[str, Any] = {"ref_model": ref_model}
     if job.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         _score_answer_tokens_only()
 
         trainer_cls: Any = DPOTrainer
-        args: Any = DPOConfig(**common, loss_type=[cfg.loss_type])
-    else:
+        args: Any = DPOConfig(**common, **preference, loss_type=[cfg.loss_type])
+    elif job.algorithm == "kto":
         from trl import KTOConfig, KTOTrainer
 
         trainer_cls = KTOTrainer
-        args = KTOConfig(**common)
+        args = KTOConfig(**common, **preference)
+    elif job.algorithm == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        # Prompt-completion rows: the loss covers the answer and its end-of-turn token only (the
+        # embedded model's chat template has no generation markers for assistant-only loss).
+        trainer_cls = SFTTrainer
+        args = SFTConfig(**common, completion_only_loss=True)
+        extra = {}
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        trainer_cls = RewardTrainer
+        args = RewardConfig(
+            **common,
+            center_rewards_coefficient=cfg.reward.center_rewards_coefficient,
+            disable_dropout=preference["disable_dropout"],
+        )
+        extra = {}
     from transformers import PrinterCallback
 
     trainer = trainer_cls(
         model=model,
-        ref_model=ref_model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[callback],
+        **extra,
     )
     # With tqdm off, transformers prints every log dict to stdout; the step sink logs them.
     trainer.remove_callback(PrinterCallback)
@@ -498,6 +650,13 @@ def _save(model: Any, tokenizer: Any, job: TrainJob, save_dtype: Any) -> None:
     """safetensors only. LoRA: the trained adapter alone (not TRL's "ref" copy); full: weights and
     tokenizer, in the dtype the base was stored in."""
     job.output_dir.mkdir(parents=True, exist_ok=True)
+    if job.algorithm == "reward":
+        # Scored by PPO, the gate and the admin API as one model: the LoRA is merged.
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.to(save_dtype).save_pretrained(str(job.output_dir))
+        tokenizer.save_pretrained(str(job.output_dir))
+        return
     if job.config.lora:
         model.save_pretrained(
             str(job.output_dir),

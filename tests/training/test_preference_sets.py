@@ -13,7 +13,17 @@ from sqlalchemy import func, select
 from service.chat import conversation_hash
 from service.store import Feedback, Generation, GenerationChoice, PreferenceSnapshot
 from training.config import SnapshotConfig
-from training.preference_sets import COUNTS, FILES, Answer, Vote, assemble, build, write_snapshot
+from training.preference_sets import (
+    COUNTS,
+    FILES,
+    HUMAN,
+    Answer,
+    Vote,
+    assemble,
+    build,
+    sft_rows,
+    write_snapshot,
+)
 
 T0 = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(days=1)
@@ -34,6 +44,10 @@ def pair(question: str, chosen: str, rejected: str) -> dict:
 
 def kto(question: str, completion: str, label: bool) -> dict:
     return {"prompt": ask(question), "completion": said(completion), "label": label}
+
+
+def sft(question: str, completion: str) -> dict:
+    return {"prompt": ask(question), "completion": said(completion)}
 
 
 def answers(gid: str, question: str, *texts: str, version: str = "base"):
@@ -118,6 +132,7 @@ def test_pairwise_votes_are_pairs_and_ties_are_only_counted(store):
     pset = build(store, NO_SPLIT, NOW)
     assert pset.pairs_train == [pair("Q1", "A", "B"), pair("Q2", "D", "C")]
     assert pset.pairs_heldout == pset.kto_train == pset.kto_heldout == []
+    assert pset.sft_train == pset.sft_heldout == []  # "better" is not "good"
     assert nonzero(pset) == {"feedback_seen": 4, "ties": 1, "both_bad": 1, "pairs_train": 2}
     assert pset.feedback_ids == ["f1", "f2", "f3", "f4"]
     assert pset.usable == 2
@@ -140,11 +155,13 @@ def test_a_correction_is_preferred_to_the_answer_it_corrects(store):
         kto("Q2", "Better C", True),
         kto("Q3", "E", False),
     ]
+    assert pset.sft_train == [sft("Q1", "Fixed A"), sft("Q2", "C"), sft("Q2", "Better C")]
     assert nonzero(pset) == {
         "feedback_seen": 3,
         "degenerate_dropped": 1,
         "pairs_train": 1,
         "kto_train": 3,
+        "sft_train": 3,
     }
 
 
@@ -174,7 +191,9 @@ def test_thumbs_pair_within_a_conversation_and_never_across(store):
         ["f4", "f5"],
     ]
     assert pset.kto_train == [kto("Q3", "X", False), kto("Q4", "Y", True), kto("Q4", "Y", False)]
-    assert nonzero(pset) == {"feedback_seen": 8, "pairs_train": 3, "kto_train": 3}
+    # Every thumbs-up, paired or not, f7 despite f8's thumbs-down on the same answer.
+    assert pset.sft_train == [sft("Q1", "A"), sft("Q1", "A2"), sft("Q2", "C"), sft("Q4", "Y")]
+    assert nonzero(pset) == {"feedback_seen": 8, "pairs_train": 3, "kto_train": 3, "sft_train": 4}
 
 
 def test_conflicts_are_settled_by_majority_and_an_exact_tie_is_dropped(store):
@@ -222,11 +241,15 @@ def test_explicit_votes_outweigh_thumbs_which_break_their_ties(store):
     q2 = pset.provenance["pairs_train"][1]
     assert (q2["feedback_ids"], q2["outvoted_ids"]) == (["f7", "f8", "f9"], ["f6"])
     assert pset.kto_train == []  # every thumbs took part in a pair
+    assert pset.sft_train == [sft("Q1", "B"), sft("Q2", "D")]  # B lost its pair, yet was liked
+    assert pset.provenance["sft_train"][0]["feedback_ids"] == ["f2", "f3"]
     assert nonzero(pset) == {
         "feedback_seen": 9,
         "outvoted": 5,
         "duplicates_removed": 1,
+        "sft_duplicates_removed": 1,
         "pairs_train": 2,
+        "sft_train": 2,
     }
 
 
@@ -253,13 +276,16 @@ def test_duplicates_appear_once_and_degenerate_pairs_are_dropped(store):
     assert pset.provenance["pairs_train"][0]["chosen_model_versions"] == ["base", "v1"]
     assert pset.kto_train == [kto("Q3", "K", True), kto("Q4", "Z", True), kto("Q4", "Z ", False)]
     assert pset.provenance["kto_train"][0]["feedback_ids"] == ["f4", "f5"]
+    assert pset.sft_train == [sft("Q3", "K"), sft("Q4", "Z")]
     assert nonzero(pset) == {
         "feedback_seen": 7,
         "degenerate_dropped": 2,
         "duplicates_removed": 1,
         "kto_duplicates_removed": 1,
+        "sft_duplicates_removed": 1,
         "pairs_train": 1,
         "kto_train": 3,
+        "sft_train": 2,
     }
     assert pset.usable == 1  # pairs, not KTO rows, once there are pairs
 
@@ -360,9 +386,10 @@ def test_write_snapshot_files_match_the_manifest_and_the_row(store, tmp_path):
     for name in FILES:
         lines = [json.loads(line) for line in data[name].decode().splitlines()]
         assert lines == getattr(pset, name) and len(manifest["provenance"][name]) == len(lines)
-    # 6 pairs; 6 thumbs-up KTO rows, f9's repeat of A0 merged into one, plus its correction.
-    assert sum(pset.counts[name] for name in FILES) == 13
-    assert pset.counts["kto_duplicates_removed"] == 1
+    # 6 pairs; 6 thumbs-up KTO rows, f9's repeat of A0 merged into one, plus its correction; the
+    # same 7 as SFT rows (f9's A0 merged again): 6 + 7 + 7 = 20, by hand.
+    assert sum(pset.counts[name] for name in FILES) == 20
+    assert pset.counts["kto_duplicates_removed"] == pset.counts["sft_duplicates_removed"] == 1
     with store.reading() as session:
         stored = session.get(PreferenceSnapshot, row.id)
         assert (stored.path, stored.content_hash) == (row.path, row.content_hash)
@@ -410,6 +437,20 @@ def test_provenance_names_the_model_version_of_each_answer(store, tmp_path):
         ["human"],
     ]
     assert all(set(r) == {"prompt", "completion", "label"} for r in pset.kto_train)
+    assert pset.sft_train == [
+        sft("Q1", "Fix"),
+        sft("Q1", "B"),
+        sft("Q2", "K"),
+        sft("Q3", "L"),
+        sft("Q3", "L+"),
+    ]
+    assert pset.provenance["sft_train"] == [
+        {"feedback_ids": ["f2"], "model_versions": ["human"]},
+        {"feedback_ids": ["f3"], "model_versions": ["v1"]},
+        {"feedback_ids": ["f4"], "model_versions": ["v2"]},
+        {"feedback_ids": ["f5"], "model_versions": ["v1"]},
+        {"feedback_ids": ["f5"], "model_versions": ["human"]},
+    ]
     manifest = tmp_path / write_snapshot(store, tmp_path, pset).path / "manifest.json"
     assert json.loads(manifest.read_text())["provenance"] == pset.provenance
 
@@ -431,5 +472,70 @@ def test_the_rules_run_on_plain_votes():
 
     pset = assemble([pairwise("x", "a"), pairwise("y", "b")], ["x", "y"], 0.0, NOW)
     assert pset.pairs_train == [] and pset.counts["conflicts_dropped"] == 1
+    assert pset.sft_train == []
     pset = assemble([pairwise("x", "b"), pairwise("y", "b")], ["x", "y"], 0.0, NOW)
     assert pset.pairs_train == [pair("Q", "B", "A")] and pset.counts["duplicates_removed"] == 1
+
+
+def test_endorsed_answers_and_corrections_are_sft_rows(store):
+    seed(
+        store,
+        answers("g1", "Q1", "A", "B"),
+        answers("g2", "Q2", "C", version="v1"),
+        answers("g3", "Q3", "E"),
+        answers("g4", "Q4", "G"),
+        thumbs("f1", "g1", 0, "up"),
+        thumbs("f2", "g2", 0, "down", correction="Fixed C"),
+        thumbs("f3", "g3", 0, "up", correction=" E\n"),  # the answer itself: no second row
+        thumbs("f4", "g4", 0, "down", correction="G "),  # the answer itself: no row at all
+        vote("f5", ("g1", 0), ("g1", 1), "a"),  # "better", not "good": no row
+    )
+    pset = build(store, NO_SPLIT, NOW)
+    assert pset.sft_train == [sft("Q1", "A"), sft("Q2", "Fixed C"), sft("Q3", "E")]
+    assert pset.provenance["sft_train"] == [
+        {"feedback_ids": ["f1"], "model_versions": ["base"]},
+        {"feedback_ids": ["f2"], "model_versions": [HUMAN]},
+        {"feedback_ids": ["f3"], "model_versions": ["base"]},
+    ]
+    assert pset.counts["sft_train"] == 3 and pset.counts["sft_duplicates_removed"] == 0
+
+
+def test_sft_rows_dedup_within_a_conversation_and_never_across():
+    prompt, other = ask("Q1"), ask("Q2")
+
+    def up(fid: str, messages: list[dict[str, str]], text: str, version: str = "base") -> Vote:
+        return Vote(
+            fid, conversation_hash(messages), messages, Answer(text, version), (fid, 0), rating="up"
+        )
+
+    votes = [
+        up("f1", prompt, "A"),
+        up("f2", prompt, " A\n", version="v1"),  # the same text after strip, another answer
+        up("f3", other, "A"),  # the same text in another conversation
+    ]
+    rows, counts = sft_rows(votes)
+    assert [row.trl for row in rows] == [sft("Q1", "A"), sft("Q2", "A")]
+    assert [row.provenance for row in rows] == [
+        {"feedback_ids": ["f1", "f2"], "model_versions": ["base", "v1"]},
+        {"feedback_ids": ["f3"], "model_versions": ["base"]},
+    ]
+    assert counts == {"sft_duplicates_removed": 1}
+
+
+def test_sft_rows_split_with_the_pairs_of_their_prompt(store):
+    questions = [f"question {i}" for i in range(20)]  # both sides non-empty: see the split test
+    ops = []
+    for i, q in enumerate(questions):
+        ops += [answers(f"g{i}", q, f"good {i}", f"bad {i}")]
+        ops += [vote(f"f{i:02}a", (f"g{i}", 0), (f"g{i}", 1), "a")]
+        ops += [thumbs(f"f{i:02}b", f"g{i}", 0, "up")]
+    seed(store, *ops)
+
+    pset = build(store, SnapshotConfig(heldout_fraction=0.5), NOW)
+    held = [q for q in questions if coin(q) < 0.5]
+    asked = lambda rows: [row["prompt"][0]["content"] for row in rows]  # noqa: E731
+    assert asked(pset.sft_heldout) == asked(pset.pairs_heldout) == held
+    assert (
+        asked(pset.sft_train) == asked(pset.pairs_train) == [q for q in questions if q not in held]
+    )
+    assert pset.sft_heldout == [sft(q, f"good {questions.index(q)}") for q in held]

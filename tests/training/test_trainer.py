@@ -14,6 +14,8 @@ import pytest
 
 import training.trainer as trainer_module
 from bench.training import byte_tokenizer
+from tests.training.conftest import DIRECT as DIRECT_TEXT
+from tests.training.conftest import PITCH as PITCH_TEXT
 from tests.training.conftest import write_jsonl
 from training.config import TrainConfig
 from training.trainer import TrainJob, fit_prompts, run_training, train_loop
@@ -319,3 +321,64 @@ def test_run_training_through_ray_appends_steps_to_the_store(
         assert row.step_metrics == result.step_metrics
     assert (tmp_path / "ray_results" / "run-test").is_dir()
     store.close()
+
+
+def test_sft_trains_the_adapter_on_answer_tokens_only(
+    tmp_path: Path, tiny_model_dir: Path, tiny_config: Callable, trained: dict[str, Any]
+) -> None:
+    from tests.training.conftest import QUESTIONS
+
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "completion": [{"role": "assistant", "content": DIRECT_TEXT}],
+        }
+        for q in QUESTIONS
+    ]
+    job = make_job(tmp_path, tiny_model_dir, rows, tiny_config(), algorithm="sft")
+    summary = train_loop(job.to_dict())
+
+    assert_all_changed(trained)
+    assert summary["global_step"] == 4 and summary["rows"] == 4  # train.sft.epochs 2 x 2 steps
+    assert (job.output_dir / "adapter_model.safetensors").is_file()
+    # The collator masks the prompt: only answer tokens (and the end of turn) carry labels.
+    batch = trained["trainer"].data_collator([trained["trainer"].train_dataset[0]])
+    labels = batch["labels"][0]
+    prompt_tokens = len(
+        byte_tokenizer().apply_chat_template(
+            rows[0]["prompt"], tokenize=True, add_generation_prompt=True
+        )["input_ids"]
+    )
+    assert (labels[:prompt_tokens] == -100).all()
+    assert (labels[prompt_tokens:] != -100).sum() >= len(DIRECT_TEXT.encode())
+
+
+def test_reward_model_learns_the_pairs_and_is_measured_on_held_out_ones(
+    tmp_path: Path, tiny_model_dir: Path, pair_rows: list[dict], tiny_config: Callable
+) -> None:
+    from service.scoring import RewardScorer
+
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", pair_rows[:2])
+    config = tiny_config(epochs=6.0, batch_size=4)
+    config.reward.learning_rate = 3e-3
+    config.reward.epochs = 6.0
+    job = make_job(
+        tmp_path, tiny_model_dir, pair_rows, config, algorithm="reward", eval_file=heldout
+    )
+    summary = train_loop(job.to_dict())
+
+    measured = summary["reward_model"]
+    assert measured["heldout_pairs"] == 2
+    assert measured["heldout_accuracy"] == 1.0 and measured["heldout_margin"] > 0
+    # DIRECT has 11 words, PITCH 12: the longer answer is the rejected one in every pair.
+    assert measured["longer_wins_accuracy"] == 0.0
+    assert measured["score_std"] > 0
+    # Saved merged (no adapter files), and scored from disk as it scored in training.
+    names = sorted(p.name for p in job.output_dir.iterdir())
+    assert "model.safetensors" in names and "adapter_config.json" not in names
+    scorer = RewardScorer.load(job.output_dir)
+    prompt = pair_rows[0]["prompt"]
+    chosen, rejected = scorer.score([prompt, prompt], [DIRECT_TEXT, PITCH_TEXT])
+    assert chosen - rejected == pytest.approx(
+        measured["heldout_margin"], abs=5e-2 * abs(measured["heldout_margin"]) + 1e-3
+    )

@@ -1,0 +1,1 @@
+"""PPO for the RLHF path: the pure math in `losses`, the loop in `trainer`."""
