@@ -5,8 +5,9 @@
 1. serve the embedded model with the scheduler running;
 2. measure the simulated users' approval on the held-out prompts;
 3. simulated users chat (n=2 comparisons and thumbs) and vote by the scenario's rubric until the
-   scheduler has enough pairs, trains DPO on Ray Train, gates and promotes the result, while a
-   steady client keeps chatting to count failed requests around the swap;
+   scheduler has enough pairs, trains on Ray Train (DPO by default; SFT -> reward model -> PPO with
+   PREFLOOP_TRAIN__ALGORITHM=rlhf), gates and promotes the result, while a steady client keeps
+   chatting to count failed requests around the swap;
 4. measure approval again; print a report and write report.json and report.png beside it.
 """
 
@@ -189,14 +190,20 @@ def _summarise(ctx, run, before, after, traffic, steady, cycle_started) -> dict[
     gate = version.metrics.get("gate", {}) if version else {}
     out["run"] = {
         "id": run.id,
+        "algorithm": run.algorithm,
         "status": run.status,
         "error": run.error,
         "stages_s": run.stages,
         "candidate": run.candidate_version_id,
         "steps": run.step_metrics,
         "heldout": gate.get("heldout"),
+        "rlhf": gate.get("rlhf"),
         "canary": gate.get("canary"),
     }
+    reward_id = (version.metrics.get("reward_model") if version else None) or None
+    if reward_id:
+        measured = ctx.registry.get(reward_id).metrics.get("train", {}).get("reward_model", {})
+        out["run"]["reward_model"] = {"id": reward_id, **measured}
     out["cycle_s"] = round((run.finished_at.timestamp() - run.started_at.timestamp()), 1)
     out["feedback_to_served_s"] = round(run.finished_at.timestamp() - cycle_started, 1)
     if run.status == "promoted":
@@ -223,12 +230,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = (report.get("run") or {}).get("steps") or []
-    for key in ("loss", "rewards/accuracies", "rewards/margins"):
+    run = report.get("run") or {}
+    steps = run.get("steps") or []
+    ppo = run.get("algorithm") == "rlhf"
+    keys = (
+        ("score", "kl", "kl_coef", "clipfrac")
+        if ppo
+        else ("loss", "rewards/accuracies", "rewards/margins")
+    )
+    for key in keys:
         points = [(i + 1, s[key]) for i, s in enumerate(steps) if key in s]
         if points:
             curves.plot(*zip(*points, strict=True), label=key, marker=".")
-    curves.set(title="DPO training", xlabel="step")
+    curves.set(
+        title="PPO (normalised reward, KL per answer)" if ppo else "DPO training",
+        xlabel="iteration" if ppo else "step",
+    )
     curves.legend()
     labels = ["base"] + (
         [report["run"]["candidate"]] if report.get("approval_after") is not None else []
@@ -255,7 +272,7 @@ def print_report(report: dict[str, Any]) -> None:
         else "held-out approval after:  (no new version served)",
         f"training run: {run.get('id')} {run.get('status')}"
         + (f" ({run.get('error')})" if run.get("error") else ""),
-        f"held-out preference accuracy: {(run.get('heldout') or {}).get('accuracy')}",
+        *_algorithm_lines(run),
         f"cycle time: {report.get('cycle_s')} s (stages {run.get('stages_s')})",
         f"first vote to new version serving: {report.get('feedback_to_served_s')} s",
         f"swap time (promotion -> first response from it): {report.get('swap_s')} s",
@@ -264,6 +281,21 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['steady_requests']} steady + the traffic's requests",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _algorithm_lines(run: dict[str, Any]) -> list[str]:
+    if run.get("algorithm") != "rlhf":
+        return [f"held-out preference accuracy: {(run.get('heldout') or {}).get('accuracy')}"]
+    rm, gate = run.get("reward_model") or {}, run.get("rlhf") or {}
+    last = (run.get("steps") or [{}])[-1]
+    return [
+        f"reward model {rm.get('id')}: held-out accuracy {rm.get('heldout_accuracy')} on "
+        f"{rm.get('heldout_pairs')} pairs (longer answer wins: {rm.get('longer_wins_accuracy')})",
+        f"PPO last iteration: reward {last.get('reward')}, KL {last.get('kl')} nats per answer, "
+        f"KL coefficient {last.get('kl_coef')}, answer tokens {last.get('answer_tokens')}",
+        f"gate: reward-model win rate {gate.get('win_rate')} against the served version, "
+        f"KL {gate.get('kl')} nats per answer, length change {gate.get('length_change')}",
+    ]
 
 
 def main() -> int:

@@ -65,7 +65,7 @@ def run_with_progress(ctx: CycleContext, run_id: str) -> TrainingRun:
                     {
                         k.split("/")[-1]: round(v, 3)
                         for k, v in last.items()
-                        if k in ("loss", "rewards/accuracies", "rewards/margins")
+                        if k in ("loss", "rewards/accuracies", "rewards/margins", "reward", "kl")
                     }
                 )
             bar.set_description(f"{run_id} {run.status}")

@@ -1,4 +1,5 @@
-"""Admin routes: model versions, promotion and rollback, loop status, training on demand.
+"""Admin routes: model versions, promotion and rollback, loop status, training on demand, and
+answers scored by a reward model.
 
 Training itself runs on the offline side; asking for it here queues a training run in the store,
 which the scheduler picks up (the service never imports `training`).
@@ -11,14 +12,33 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import func, select
 
 from service.auth import Principal
-from service.registry import Registry
+from service.errors import Conflict
+from service.protocol import RewardScore, RewardScores, ScoreRequest
+from service.registry import REWARD_KIND, Registry
 from service.rollout import VersionFollower
 from service.runs import ACTIVE, queue_run, recent_runs
+from service.scoring import ScorerCache
 from service.store import Feedback, ModelVersion, TrainingRun, used_feedback_ids
+
+# What a version listing shows of a reward model's training metrics (`metrics.train.reward_model`).
+REWARD_SUMMARY = (
+    "heldout_accuracy",
+    "longer_wins_accuracy",
+    "heldout_pairs",
+    "score_mean",
+    "score_std",
+)
+
+
+def reward_stats(version: ModelVersion) -> dict[str, Any]:
+    """`metrics.train.reward_model` of a reward version, `{}` when training did not record it."""
+    train = (version.metrics or {}).get("train")
+    stats = train.get("reward_model") if isinstance(train, dict) else None
+    return stats if isinstance(stats, dict) else {}
 
 
 def version_view(v: ModelVersion) -> dict[str, Any]:
-    return {
+    view = {
         "id": v.id,
         "object": "model.version",
         "parent": v.parent_id,
@@ -30,6 +50,10 @@ def version_view(v: ModelVersion) -> dict[str, Any]:
         "metrics": v.metrics,
         "created": int(v.created_at.timestamp()),
     }
+    if v.kind == REWARD_KIND:
+        stats = reward_stats(v)
+        view["reward_model"] = {key: stats.get(key) for key in REWARD_SUMMARY}
+    return view
 
 
 def run_view(r: TrainingRun | None) -> dict[str, Any] | None:
@@ -70,7 +94,43 @@ def loop_status(registry: Registry) -> dict[str, Any]:
     }
 
 
-def admin_router(registry: Registry, follower: VersionFollower, admin: Any) -> APIRouter:
+def reward_version(registry: Registry, version_id: str | None) -> ModelVersion:
+    """The reward model a score request names, else the newest approved one."""
+    if version_id is None:
+        return registry.latest_reward()
+    version = registry.get(version_id, param="reward_model")
+    if version.kind != REWARD_KIND:
+        raise Conflict(
+            f"version {version_id!r} is a {version.kind} model, not a reward model",
+            param="reward_model",
+            code="not_a_reward_model",
+        )
+    return version
+
+
+def score_answers(registry: Registry, scorers: ScorerCache, req: ScoreRequest) -> RewardScores:
+    """Score each answer to `req.messages` (blocking: a database read, maybe a model load, the
+    forward passes)."""
+    version = reward_version(registry, req.reward_model)
+    scorer = scorers.get(version.id, registry.weights_path(version))
+    conversation = [m.model_dump() for m in req.messages]
+    scores = scorer.score([conversation] * len(req.answers), req.answers)
+    stats = reward_stats(version)
+    mean, std = stats.get("score_mean"), stats.get("score_std")
+    if not (isinstance(mean, int | float) and isinstance(std, int | float) and std > 0):
+        mean, std = 0.0, 1.0  # no statistics recorded: the raw score is all there is
+    return RewardScores(
+        reward_model=version.id,
+        data=[
+            RewardScore(index=i, score=score, normalized=(score - mean) / std)
+            for i, score in enumerate(scores)
+        ],
+    )
+
+
+def admin_router(
+    registry: Registry, follower: VersionFollower, scorers: ScorerCache, admin: Any
+) -> APIRouter:
     router = APIRouter(prefix="/v1/admin")
     Admin = Annotated[Principal, Depends(admin)]
 
@@ -106,5 +166,9 @@ def admin_router(registry: Registry, follower: VersionFollower, admin: Any) -> A
     async def train(who: Admin) -> dict:
         run = await asyncio.to_thread(queue_run, registry.store, "manual", who.name)
         return run_view(run) or {}
+
+    @router.post("/score")
+    async def score(req: ScoreRequest, _: Admin) -> RewardScores:
+        return await asyncio.to_thread(score_answers, registry, scorers, req)
 
     return router

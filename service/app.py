@@ -32,6 +32,7 @@ from service.protocol import (
 )
 from service.registry import Registry
 from service.rollout import VersionFollower
+from service.scoring import ScorerCache
 from service.settings import Scope
 from service.store import GroupCommitWriter
 
@@ -48,6 +49,7 @@ ROUTES = frozenset(
         "/v1/admin/versions",
         "/v1/admin/status",
         "/v1/admin/train",
+        "/v1/admin/score",
     }
 )
 
@@ -101,7 +103,10 @@ def build_app(
     install_error_handlers(app)
     chat = ChatService(engine, writer, metrics, default_max_tokens)
     feedback = FeedbackService(writer, metrics)
+    # Reward models for `POST /v1/admin/score`, loaded on first use and kept between requests.
+    scorers = ScorerCache()
     app.state.writer, app.state.metrics, app.state.follower = writer, metrics, follower
+    app.state.scorers = scorers
     app.add_middleware(_RequestMetrics, metrics=metrics)
 
     def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
@@ -119,7 +124,7 @@ def build_app(
     Voter = Annotated[Principal, Depends(scoped("feedback"))]
     Admin = Annotated[Principal, Depends(scoped("admin"))]
 
-    app.include_router(admin_router(registry, follower, scoped("admin")))
+    app.include_router(admin_router(registry, follower, scorers, scoped("admin")))
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -1,4 +1,5 @@
-"""Wire models only: the OpenAI chat subset prefloop serves, feedback, export. No logic here."""
+"""Wire models only: the OpenAI chat subset prefloop serves, feedback, export, reward scoring.
+No logic here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_CHOICES = 4
+# One request scores at most this many answers: the forward passes run on the replica's CPU threads.
+MAX_SCORED_ANSWERS = 16
 
 
 class ChatMessage(BaseModel):
@@ -185,3 +188,33 @@ class FeedbackBatchResponse(BaseModel):
 
 
 ExportFormat = Literal["trl", "trl-kto", "openai-dpo"]
+
+
+# Reward scoring (admin) ----------------------------------------------------------------------
+
+
+class ScoreRequest(BaseModel):
+    """`POST /v1/admin/score`: answers to one conversation, scored by a reward model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    answers: list[Annotated[str, Field(min_length=1, max_length=200_000)]] = Field(
+        min_length=1, max_length=MAX_SCORED_ANSWERS
+    )
+    # A version id; none: the newest approved reward model.
+    reward_model: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class RewardScore(BaseModel):
+    index: int
+    score: float
+    # (score - score_mean) / score_std over the reward model's training answers; the raw score
+    # when its metrics lack them.
+    normalized: float
+
+
+class RewardScores(BaseModel):
+    object: Literal["reward.scores"] = "reward.scores"
+    reward_model: str
+    data: list[RewardScore]

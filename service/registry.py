@@ -3,6 +3,8 @@
 A version lives in `<data_dir>/versions/<id>/`: `weights/` (full safetensors weights vLLM loads),
 `adapter/` for a LoRA version (what training produced; the weights are the parent's with it
 merged), and `manifest.json` (parent, algorithm, config, snapshot, metrics, sha256 of every file).
+A reward model (kind `reward`, RLHF's scorer) is a version too, so it has the same provenance, but
+it scores answers and is never served: `promote` refuses it and `latest_reward` finds it.
 Paths in the database are relative to the data directory, so replicas that mount the directory
 elsewhere (a shared volume on a cluster) agree. The newest `Promotion` row names the version every
 replica serves; promoting and rolling back both append one.
@@ -24,6 +26,7 @@ from service.errors import Conflict, NotFound
 from service.store import ModelVersion, Promotion, Store
 
 BASE_VERSION = "base"
+REWARD_KIND = "reward"
 MANIFEST = "manifest.json"
 
 
@@ -163,12 +166,29 @@ class Registry:
 
         self.store.write_one(op)
 
-    def get(self, version_id: str) -> ModelVersion:
+    def get(self, version_id: str, *, param: str = "version_id") -> ModelVersion:
+        """The version `version_id`; `param` is the request field a 404 names."""
         with self.store.reading() as session:
             row = session.get(ModelVersion, version_id)
         if row is None:
             raise NotFound(
-                f"no model version {version_id!r}", param="version_id", code="version_not_found"
+                f"no model version {version_id!r}", param=param, code="version_not_found"
+            )
+        return row
+
+    def latest_reward(self) -> ModelVersion:
+        """The newest approved reward model."""
+        with self.store.reading() as session:
+            row = session.scalars(
+                select(ModelVersion)
+                .where(ModelVersion.kind == REWARD_KIND, ModelVersion.status == "approved")
+                .order_by(desc(ModelVersion.created_at), desc(ModelVersion.id))
+                .limit(1)
+            ).first()
+        if row is None:
+            raise NotFound(
+                "no approved reward model yet; one is trained by a cycle with train.algorithm rlhf",
+                code="no_reward_model",
             )
         return row
 
@@ -192,13 +212,22 @@ class Registry:
         return Served(version, promo.id, self.weights_path(version))
 
     def promote(self, version_id: str, actor: str) -> Promotion:
-        """Serve `version_id` everywhere. Serving it again after another is a rollback."""
+        """Serve `version_id` everywhere. Serving it again after another is a rollback. Only
+        approved chat models (never a reward model) can be served, so `served` never names one."""
 
         def op(session) -> Promotion:
             version = session.get(ModelVersion, version_id)
             if version is None:
                 raise NotFound(
                     f"no model version {version_id!r}", param="version_id", code="version_not_found"
+                )
+            if version.kind == REWARD_KIND:
+                # Checked before the status: an approved reward model is still not a chat model.
+                raise Conflict(
+                    f"version {version_id!r} is a reward model: reward models score answers "
+                    "and are never served",
+                    param="version_id",
+                    code="not_a_chat_model",
                 )
             if version.status != "approved":
                 raise Conflict(

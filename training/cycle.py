@@ -1,5 +1,10 @@
 """One cycle of the loop: snapshot -> train (Ray Train) -> merge -> register -> gate -> promote.
 
+Training is DPO or KTO (optionally after an SFT stage, `train.sft_first`), or with
+`train.algorithm=rlhf` the InstructGPT recipe: SFT on endorsed answers -> a reward model on the
+pairs (reused until `train.reward.retrain_after` new pairs arrived) -> PPO against it. Each stage
+is its own Ray Train job; SFT results and reward models are registry versions of their own (an SFT
+version is a policy PPO or DPO starts from; a reward model is kind `reward`, never served).
 Every stage's time, the run's step metrics and any error are stored with the `TrainingRun`; a
 failed or rejected cycle leaves serving untouched.
 
@@ -9,6 +14,7 @@ failed or rejected cycle leaves serving untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -16,18 +22,21 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from sqlalchemy import select
 
 from service.registry import Registry, new_version_id
 from service.runs import get_run, update_run
-from service.store import Store, TrainingRun
+from service.store import ModelVersion, PreferenceSnapshot, Store, TrainingRun
 from training import preference_sets
 from training.canary import run_canary
 from training.config import TrainingSettings
 from training.gate import Canary, run_gate
+from training.reward_eval import RLHFCheck
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +82,11 @@ def merge_adapter(base_weights: Path, adapter: Path, out: Path, tokenizer: Path)
 
 def choose_algorithm(
     setting: str, pset: preference_sets.PreferenceSet
-) -> Literal["dpo", "kto"] | None:
-    """What this snapshot can train: DPO needs pairs, KTO unpaired rows; None if neither."""
+) -> Literal["dpo", "kto", "rlhf"] | None:
+    """What this snapshot can train: DPO and RLHF (its reward model) need pairs, KTO unpaired
+    rows; None if neither."""
+    if setting == "rlhf":
+        return "rlhf" if pset.pairs_train else None
     if setting in ("auto", "dpo") and pset.pairs_train:
         return "dpo"
     if setting in ("auto", "kto") and pset.kto_train:
@@ -82,10 +94,17 @@ def choose_algorithm(
     return None
 
 
+@dataclass
+class Stages:
+    """What one cycle's training stages produced, for the gate and the run's record."""
+
+    candidate: ModelVersion | None = None
+    reward_model: ModelVersion | None = None
+    summaries: dict[str, Any] = field(default_factory=dict)
+
+
 def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
     """Run one queued cycle to its end; never raises for a failed cycle (the run records it)."""
-    from training.trainer import TrainJob, run_training
-
     store, registry, cfg = ctx.store, ctx.registry, ctx.settings
     stages: dict[str, float] = {}
     update_run(store, run_id, status="running", started_at=datetime.now(UTC))
@@ -106,9 +125,6 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 return get_run(store, run_id)
             snap = preference_sets.write_snapshot(store, cfg.data_dir, pset)
         parent = registry.served().version
-        weights_id = parent.weights_id if parent.kind == "lora" else parent.id
-        base_weights = registry.weights_path(registry.get(weights_id))
-        snap_dir = cfg.data_dir / snap.path
         update_run(
             store,
             run_id,
@@ -118,39 +134,15 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
             config=cfg.train.model_dump(mode="json"),
             stages=stages,
         )
-
-        with _stage(stages, "train"):
-            out = work / "result"
-            job = TrainJob(
-                run_id=run_id,
-                algorithm=algorithm,
-                base_model_path=base_weights,
-                parent_adapter_path=registry.adapter_path(parent),
-                train_file=snap_dir
-                / ("pairs_train.jsonl" if algorithm == "dpo" else "kto_train.jsonl"),
-                output_dir=out / ("adapter" if cfg.train.lora else "weights"),
-                config=cfg.train,
-                database_url=ctx.database_url,
-            )
-            result = run_training(job)
-            shutil.rmtree(out / "ray_results", ignore_errors=True)  # Ray's records, not a result
-            if cfg.train.lora:
-                merge_adapter(base_weights, out / "adapter", out / "weights", ctx.tokenizer_path)
-
-        with _stage(stages, "register"):
-            version_id = new_version_id()
-            candidate = registry.publish(
-                version_id=version_id,
-                parent=parent,
-                source=out,
-                kind="lora" if cfg.train.lora else "full",
-                weights_id=weights_id if cfg.train.lora else None,
-                algorithm=algorithm,
-                snapshot_id=snap.id,
-                config=cfg.train.model_dump(mode="json"),
-                metrics={"train": result.summary},
-            )
-        update_run(store, run_id, candidate_version_id=version_id, stages=stages)
+        cycle = _Cycle(ctx, run_id, snap, cfg.data_dir / snap.path, work, stages)
+        result = (
+            cycle.rlhf(parent, pset)
+            if algorithm == "rlhf"
+            else cycle.preference(parent, pset, algorithm)
+        )
+        candidate = result.candidate
+        assert candidate is not None  # every path ends in a policy version
+        update_run(store, run_id, candidate_version_id=candidate.id, stages=stages)
 
         with _stage(stages, "gate"):
             gate = run_gate(
@@ -163,9 +155,12 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 max_length=cfg.train.max_length,
                 tokenizer_path=ctx.tokenizer_path,
                 canary=ctx.canary,
+                rlhf=_rlhf_check(cfg, pset, result.reward_model, registry)
+                if algorithm == "rlhf"
+                else None,
             )
             registry.judge(
-                version_id,
+                candidate.id,
                 approved=gate.passed,
                 reason="; ".join(gate.reasons) or None,
                 metrics=gate.metrics,
@@ -175,7 +170,7 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
             status = "approved"
             if cfg.scheduler.auto_promote:
                 with _stage(stages, "promote"):
-                    registry.promote(version_id, actor=f"scheduler:{run_id}")
+                    registry.promote(candidate.id, actor=f"scheduler:{run_id}")
                 status = "promoted"
         update_run(
             store,
@@ -198,6 +193,231 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return get_run(store, run_id)
+
+
+@dataclass
+class _Cycle:
+    """The training stages of one run; each publishes what it made to the registry."""
+
+    ctx: CycleContext
+    run_id: str
+    snap: PreferenceSnapshot
+    snap_dir: Path
+    work: Path
+    stages: dict[str, float]
+
+    def preference(
+        self, parent: ModelVersion, pset: preference_sets.PreferenceSet, algorithm: str
+    ) -> Stages:
+        """DPO or KTO on the served policy, after an SFT stage with `train.sft_first`."""
+        start = parent
+        if self.ctx.settings.train.sft_first and pset.sft_train:
+            start = self.policy("sft", parent, "sft_train", stage="sft")
+        file = "pairs_train" if algorithm == "dpo" else "kto_train"
+        return Stages(candidate=self.policy(algorithm, start, file, stage="train"))
+
+    def rlhf(self, parent: ModelVersion, pset: preference_sets.PreferenceSet) -> Stages:
+        """SFT -> reward model -> PPO; the stages `train.sft` / `train.ppo` switch off are skipped
+        (without PPO the candidate is the SFT version)."""
+        train = self.ctx.settings.train
+        start = parent
+        if train.sft.enabled and pset.sft_train:
+            start = self.policy("sft", parent, "sft_train", stage="sft")
+        reward = self.reward_model(parent)
+        if not train.ppo.enabled:
+            if start is parent:
+                raise ValueError("train.ppo.enabled is false and SFT had nothing to train on")
+            return Stages(candidate=start, reward_model=reward)
+        return Stages(candidate=self.ppo(start, reward, pset), reward_model=reward)
+
+    def policy(
+        self, algorithm: str, parent: ModelVersion, file: str, *, stage: str
+    ) -> ModelVersion:
+        """A TRL job (dpo, kto or sft) on `parent`, merged and published as a candidate."""
+        from training.trainer import TrainJob, run_training
+
+        ctx, cfg = self.ctx, self.ctx.settings.train
+        registry = ctx.registry
+        weights_id = parent.weights_id if parent.kind == "lora" else parent.id
+        base_weights = registry.weights_path(registry.get(weights_id))
+        out = self.work / stage
+        with _stage(self.stages, stage):
+            result = run_training(
+                TrainJob(
+                    run_id=self.run_id,
+                    algorithm=algorithm,  # type: ignore[arg-type]
+                    base_model_path=base_weights,
+                    parent_adapter_path=registry.adapter_path(parent),
+                    train_file=self.snap_dir / f"{file}.jsonl",
+                    output_dir=out / ("adapter" if cfg.lora else "weights"),
+                    config=cfg,
+                    database_url=ctx.database_url if stage == "train" else None,
+                )
+            )
+            shutil.rmtree(out / "ray_results", ignore_errors=True)  # Ray's records, not a result
+            if cfg.lora:
+                merge_adapter(base_weights, out / "adapter", out / "weights", ctx.tokenizer_path)
+        with _stage(self.stages, "register" if stage == "train" else f"{stage}_register"):
+            return registry.publish(
+                version_id=new_version_id(),
+                parent=parent,
+                source=out,
+                kind="lora" if cfg.lora else "full",
+                weights_id=weights_id if cfg.lora else None,
+                algorithm=algorithm,
+                snapshot_id=self.snap.id,
+                config=cfg.model_dump(mode="json"),
+                metrics={"train": result.summary},
+            )
+
+    def reward_model(self, parent: ModelVersion) -> ModelVersion:
+        """The newest reward model while fewer than `train.reward.retrain_after` training pairs
+        arrived since its snapshot; else a new one, initialised from the served policy."""
+        from training.trainer import TrainJob, run_training
+
+        ctx, cfg = self.ctx, self.ctx.settings.train
+        registry = ctx.registry
+        reusable = _reusable_reward_model(ctx, cfg.reward.retrain_after)
+        if reusable is not None:
+            logger.info("run %s reuses reward model %s", self.run_id, reusable.id)
+            return reusable
+        out = self.work / "reward_model"
+        with _stage(self.stages, "reward_model"):
+            result = run_training(
+                TrainJob(
+                    run_id=self.run_id,
+                    algorithm="reward",
+                    base_model_path=registry.weights_path(parent),
+                    parent_adapter_path=None,
+                    train_file=self.snap_dir / "pairs_train.jsonl",
+                    output_dir=out / "weights",
+                    config=cfg,
+                    eval_file=self.snap_dir / "pairs_heldout.jsonl",
+                )
+            )
+            shutil.rmtree(out / "ray_results", ignore_errors=True)
+            version = registry.publish(
+                version_id=new_version_id(),
+                parent=parent,
+                source=out,
+                kind="reward",
+                algorithm="reward",
+                snapshot_id=self.snap.id,
+                config=cfg.model_dump(mode="json"),
+                metrics={"train": result.summary},
+            )
+            # Reward models are judged by their held-out numbers, which the run's gate reports;
+            # "approved" makes them usable for scoring, never servable (kind reward).
+            registry.judge(version.id, approved=True, reason=None, metrics={})
+        return registry.get(version.id)
+
+    def ppo(
+        self, start: ModelVersion, reward: ModelVersion, pset: preference_sets.PreferenceSet
+    ) -> ModelVersion:
+        """PPO from `start` against `reward` on the snapshot's training prompts; published as a
+        LoRA on `start`'s weights (which are also its KL reference)."""
+        from training.ppo.trainer import PPOJob, run_ppo
+
+        ctx, cfg = self.ctx, self.ctx.settings.train
+        registry = ctx.registry
+        start_weights = registry.weights_path(start)
+        prompts = self.work / "prompts.jsonl"
+        prompts.write_text(
+            "".join(
+                json.dumps({"prompt": p}) + "\n"
+                for p in distinct_prompts(pset.pairs_train, pset.kto_train, pset.sft_train)
+            )
+        )
+        out = self.work / "ppo"
+        with _stage(self.stages, "train"):
+            result = run_ppo(
+                PPOJob(
+                    run_id=self.run_id,
+                    start_model_path=start_weights,
+                    reward_model_path=registry.weights_path(reward),
+                    reward_stats=reward_stats(reward),
+                    prompts_file=prompts,
+                    output_dir=out / "adapter",
+                    config=cfg,
+                    database_url=ctx.database_url,
+                )
+            )
+            shutil.rmtree(out / "ray_results", ignore_errors=True)
+            merge_adapter(start_weights, out / "adapter", out / "weights", ctx.tokenizer_path)
+        with _stage(self.stages, "register"):
+            return registry.publish(
+                version_id=new_version_id(),
+                parent=start,
+                source=out,
+                kind="lora",
+                weights_id=start.id,
+                algorithm="ppo",
+                snapshot_id=self.snap.id,
+                config=cfg.model_dump(mode="json"),
+                metrics={"train": result.summary, "reward_model": reward.id},
+            )
+
+
+def distinct_prompts(*files: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The distinct prompts of the rows of `files` (snapshot rows of any kind), in file order."""
+    seen: set[str] = set()
+    out = []
+    for rows in files:
+        for row in rows:
+            key = json.dumps(row["prompt"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(row["prompt"])
+    return out
+
+
+def reward_stats(reward: ModelVersion) -> dict[str, float]:
+    """The mean and spread of a reward model's scores on its training answers."""
+    measured = reward.metrics.get("train", {}).get("reward_model", {})
+    return {
+        "score_mean": float(measured.get("score_mean", 0.0)),
+        "score_std": float(measured.get("score_std", 1.0)) or 1.0,
+    }
+
+
+def _reusable_reward_model(ctx: CycleContext, retrain_after: int) -> ModelVersion | None:
+    """The newest reward model, if fewer than `retrain_after` training pairs arrived in the
+    snapshots taken after its own (this cycle's included)."""
+    if retrain_after == 0:
+        return None
+    from service.errors import NotFound
+
+    try:
+        newest = ctx.registry.latest_reward()
+    except NotFound:
+        return None
+    with ctx.store.reading() as session:
+        own = session.get(PreferenceSnapshot, newest.snapshot_id)
+        if own is None:
+            return None
+        later = session.scalars(
+            select(PreferenceSnapshot).where(PreferenceSnapshot.created_at > own.created_at)
+        ).all()
+    arrived = sum(int(s.counts.get("pairs_train", 0)) for s in later)
+    return newest if arrived < retrain_after else None
+
+
+def _rlhf_check(
+    cfg: TrainingSettings,
+    pset: preference_sets.PreferenceSet,
+    reward: ModelVersion | None,
+    registry: Registry,
+) -> RLHFCheck:
+    assert reward is not None  # the rlhf path always has a reward model
+    return RLHFCheck(
+        reward_model_path=registry.weights_path(reward),
+        reward_model_id=reward.id,
+        reward_stats=reward_stats(reward),
+        prompts=distinct_prompts(pset.pairs_heldout, pset.kto_heldout, pset.sft_heldout),
+        max_new_tokens=cfg.train.ppo.max_new_tokens,
+        temperature=cfg.train.ppo.temperature,
+        seed=cfg.train.seed,
+    )
 
 
 def _scratch(data_dir: Path) -> Path:

@@ -1,7 +1,12 @@
 """The evaluation gate: a candidate is served only if its files are intact, its weights finite,
-it prefers the held-out chosen answers over the rejected ones more than the served version does
-(DPO's implicit reward, measured against the served version as reference), and vLLM can load and
-run it. A failed candidate is kept, marked rejected with the reasons.
+it is better on held-out data than the served version, and vLLM can load and run it. A failed
+candidate is kept, marked rejected with the reasons.
+
+"Better" for a DPO / KTO candidate: it prefers the held-out chosen answers over the rejected ones
+more than the served version does (DPO's implicit reward, with the served version as reference).
+For an RLHF candidate (`rlhf` given): the reward model prefers its answers to the served version's
+on held-out prompts often enough, its KL to the served version stays bounded and its answer length
+does not run away (`training.reward_eval`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 from service.registry import Registry
 from service.store import ModelVersion
 from training.config import GateConfig
+from training.reward_eval import RLHFCheck
 
 logger = logging.getLogger(__name__)
 Canary = Callable[[Path, Path, str], str]
@@ -40,6 +46,7 @@ def run_gate(
     max_length: int,
     tokenizer_path: Path,
     canary: Canary,
+    rlhf: RLHFCheck | None = None,
 ) -> GateResult:
     from training.evaluation import weights_are_finite
 
@@ -68,7 +75,12 @@ def run_gate(
             _timed, seconds, "canary", canary,
             registry.weights_path(candidate), tokenizer_path, cfg.canary_prompt,
         )  # fmt: skip
-        _heldout(result, registry, candidate, parent, heldout_pairs, cfg, beta, max_length, fail)
+        if rlhf is None:
+            _heldout(
+                result, registry, candidate, parent, heldout_pairs, cfg, beta, max_length, fail
+            )
+        else:
+            _rlhf(result, registry, candidate, parent, rlhf, cfg, fail)
         seconds["heldout"] = round(time.perf_counter() - started, 2)
         try:
             text = answer.result()
@@ -94,6 +106,34 @@ def _timed(seconds: dict[str, float], name: str, fn: Callable[..., str], *args: 
         return fn(*args)
     finally:
         seconds[name] = round(time.perf_counter() - started, 2)
+
+
+def _rlhf(
+    result: GateResult,
+    registry: Registry,
+    candidate: ModelVersion,
+    parent: ModelVersion,
+    check: RLHFCheck,
+    cfg: GateConfig,
+    fail: Callable[[str], None],
+) -> None:
+    from training.reward_eval import rlhf_stats
+
+    if not check.prompts:
+        result.metrics["rlhf"] = {"prompts": 0, "skipped": True}
+        return
+    check.prompts = check.prompts[: cfg.eval_prompts]
+    stats = rlhf_stats(registry.weights_path(candidate), registry.weights_path(parent), check)
+    result.metrics["rlhf"] = stats
+    if stats["win_rate"] < cfg.min_win_rate:
+        fail(f"reward-model win rate {stats['win_rate']:.2f} < {cfg.min_win_rate}")
+    if stats["kl"] > cfg.max_kl:
+        fail(f"KL to the served version {stats['kl']:.2f} nats per answer > {cfg.max_kl}")
+    if abs(stats["length_change"]) > cfg.max_length_change:
+        fail(
+            f"answer length changed by {stats['length_change']:+.0%} "
+            f"(more than {cfg.max_length_change:.0%})"
+        )
 
 
 def _heldout(

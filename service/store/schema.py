@@ -85,7 +85,7 @@ class ModelVersion(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
-    kind: Mapped[str] = mapped_column(String(8))  # "base" | "lora" | "full"
+    kind: Mapped[str] = mapped_column(String(8))  # "base" | "lora" | "full" | "reward"
     # The full weights this version runs on: itself for base/full, the parent's for a LoRA.
     weights_id: Mapped[str] = mapped_column(String(64))
     # Relative to the data directory, so replicas that mount it elsewhere agree.

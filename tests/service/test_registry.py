@@ -1,5 +1,6 @@
 """Registry and rollout over HTTP with the fake engine: manifests, checksums, the approval rule,
-promotion and rollback, and responses that never mix versions during a swap."""
+promotion and rollback, reward models (never served, the newest approved one found), and
+responses that never mix versions during a swap."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ import json
 
 import pytest
 
+from service.errors import Conflict, NotFound
 from service.registry import Registry
 from tests.conftest import ADMIN_KEY, CHAT_KEY, auth, trained_result
 
 QUESTION = [{"role": "user", "content": "Where is my invoice?"}]
 
 
-def publish(registry: Registry, tmp_path, version_id: str, approve: bool = True):
+def publish(
+    registry: Registry, tmp_path, version_id: str, approve: bool = True, kind: str = "lora"
+):
     parent = registry.served().version
     v = registry.publish(
         version_id=version_id,
         parent=parent,
         source=trained_result(tmp_path, version_id),
-        kind="lora",
-        algorithm="dpo",
+        kind=kind,
+        algorithm="reward" if kind == "reward" else "dpo",
         snapshot_id="snap-1",
         config={"beta": 0.1},
         metrics={"train_loss": 0.5},
@@ -47,8 +51,6 @@ def test_publish_writes_manifest_with_checksums(registry, tmp_path):
 
 def test_only_approved_versions_are_served(registry, tmp_path):
     publish(registry, tmp_path, "v1", approve=False)
-    from service.errors import Conflict, NotFound
-
     with pytest.raises(Conflict, match="candidate"):
         registry.promote("v1", "ops")
     registry.judge("v1", approved=False, reason="accuracy 0.4 < 0.6", metrics={})
@@ -57,6 +59,28 @@ def test_only_approved_versions_are_served(registry, tmp_path):
     with pytest.raises(NotFound):
         registry.promote("v404", "ops")
     assert registry.served().version.id == "base"
+
+
+def test_reward_models_are_never_served(registry, tmp_path):
+    publish(registry, tmp_path, "rm1", kind="reward")
+    with pytest.raises(Conflict, match="never served") as refused:
+        registry.promote("rm1", "ops")
+    assert (refused.value.param, refused.value.code) == ("version_id", "not_a_chat_model")
+    assert registry.served().version.id == "base"
+    assert [p.version_id for p in registry.history()] == ["base"]
+
+
+def test_latest_reward_is_the_newest_approved_one(registry, tmp_path):
+    with pytest.raises(NotFound, match=r"train\.algorithm rlhf") as missing:
+        registry.latest_reward()
+    assert missing.value.code == "no_reward_model"
+    publish(registry, tmp_path, "v1")  # a chat model is never a reward model
+    publish(registry, tmp_path, "rm1", kind="reward")
+    publish(registry, tmp_path, "rm2", kind="reward")
+    publish(registry, tmp_path, "rm3", kind="reward", approve=False)  # a candidate
+    assert registry.latest_reward().id == "rm2"
+    registry.judge("rm3", approved=False, reason="accuracy 0.4", metrics={})
+    assert registry.latest_reward().id == "rm2"
 
 
 async def test_promote_and_rollback_over_http(client, registry, engine, tmp_path):

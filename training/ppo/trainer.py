@@ -156,7 +156,7 @@ def ppo_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
     order: list[int] = []
     try:
         for iteration in range(1, ppo.iterations + 1):
-            if len(order) < ppo.rollouts_per_iteration:
+            while len(order) < ppo.rollouts_per_iteration:  # epochs over the prompts, shuffled
                 fresh = list(range(len(prompts)))
                 rng.shuffle(fresh)
                 order.extend(fresh)
