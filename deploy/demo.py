@@ -42,7 +42,8 @@ TRAFFIC_ROUND = 32  # conversations between two looks at the scheduler
 PAIRWISE_SHARE = 0.5
 CORRECTION_SHARE = 1.0
 MAX_ROUNDS = 20  # the demo gives up instead of running forever
-CYCLE_TIMEOUT_S = 900
+# A DPO cycle takes a few minutes here; the RLHF path's three jobs (SFT, reward model, PPO) more.
+CYCLE_TIMEOUT_S = 1800
 SWAP_WAIT_S = 30
 
 
@@ -197,7 +198,7 @@ def _summarise(ctx, run, before, after, traffic, steady, cycle_started) -> dict[
         "candidate": run.candidate_version_id,
         "steps": run.step_metrics,
         "heldout": gate.get("heldout"),
-        "rlhf": gate.get("rlhf"),
+        "reward_check": gate.get("reward_model"),
         "canary": gate.get("canary"),
     }
     reward_id = (version.metrics.get("reward_model") if version else None) or None
@@ -286,7 +287,7 @@ def print_report(report: dict[str, Any]) -> None:
 def _algorithm_lines(run: dict[str, Any]) -> list[str]:
     if run.get("algorithm") != "rlhf":
         return [f"held-out preference accuracy: {(run.get('heldout') or {}).get('accuracy')}"]
-    rm, gate = run.get("reward_model") or {}, run.get("rlhf") or {}
+    rm, gate = run.get("reward_model") or {}, run.get("reward_check") or {}
     last = (run.get("steps") or [{}])[-1]
     return [
         f"reward model {rm.get('id')}: held-out accuracy {rm.get('heldout_accuracy')} on "

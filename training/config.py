@@ -75,13 +75,17 @@ class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=True, description="rlhf: false stops after the reward model")
-    iterations: int = Field(default=8, ge=1, description="rollout batches per job")
+    # Each iteration of 16 answers costs about 95 s on the 2-core box (rollout 23 s, scoring
+    # passes 20 s, two epochs of updates 50 s): six keep the PPO stage near ten minutes.
+    iterations: int = Field(default=6, ge=1, description="rollout batches per job")
     rollouts_per_iteration: int = Field(default=16, ge=2, description="prompts sampled each time")
     epochs: int = Field(default=2, ge=1, description="PPO epochs over each rollout batch")
     minibatch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=96, ge=8, le=1024)
     temperature: float = Field(default=0.7, gt=0, le=2.0)
-    learning_rate: float = Field(default=3e-5, gt=0, le=1e-2, description="policy (LoRA)")
+    # LoRA from zero, four iterations: 1e-4 with one epoch moved the policy 0.06 nats per answer,
+    # 5e-4 with two epochs 3.5 nats (and fewer answers ended); 2e-4 aims at the 3-6 nats target.
+    learning_rate: float = Field(default=2e-4, gt=0, le=1e-2, description="policy (LoRA)")
     value_learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
     clip_range: float = Field(default=0.2, gt=0, lt=1)
     value_clip_range: float = Field(default=0.2, gt=0)

@@ -36,7 +36,7 @@ from training import preference_sets
 from training.canary import run_canary
 from training.config import TrainingSettings
 from training.gate import Canary, run_gate
-from training.reward_eval import RLHFCheck
+from training.reward_eval import RewardCheck
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 max_length=cfg.train.max_length,
                 tokenizer_path=ctx.tokenizer_path,
                 canary=ctx.canary,
-                rlhf=_rlhf_check(cfg, pset, result.reward_model, registry)
-                if algorithm == "rlhf"
-                else None,
+                reward_check=_reward_check(ctx, pset, result.reward_model, algorithm),
             )
             registry.judge(
                 candidate.id,
@@ -402,14 +400,24 @@ def _reusable_reward_model(ctx: CycleContext, retrain_after: int) -> ModelVersio
     return newest if arrived < retrain_after else None
 
 
-def _rlhf_check(
-    cfg: TrainingSettings,
+def _reward_check(
+    ctx: CycleContext,
     pset: preference_sets.PreferenceSet,
     reward: ModelVersion | None,
-    registry: Registry,
-) -> RLHFCheck:
-    assert reward is not None  # the rlhf path always has a reward model
-    return RLHFCheck(
+    algorithm: str,
+) -> RewardCheck | None:
+    """What the gate measures with a reward model: this cycle's for RLHF (and it decides), the
+    newest one for DPO / KTO when there is one (reported beside the implicit rewards)."""
+    from service.errors import NotFound
+
+    cfg, registry = ctx.settings, ctx.registry
+    if reward is None:
+        try:
+            reward = registry.latest_reward()
+        except NotFound:
+            return None
+    return RewardCheck(
+        decides=algorithm == "rlhf",
         reward_model_path=registry.weights_path(reward),
         reward_model_id=reward.id,
         reward_stats=reward_stats(reward),

@@ -4,9 +4,10 @@ candidate is kept, marked rejected with the reasons.
 
 "Better" for a DPO / KTO candidate: it prefers the held-out chosen answers over the rejected ones
 more than the served version does (DPO's implicit reward, with the served version as reference).
-For an RLHF candidate (`rlhf` given): the reward model prefers its answers to the served version's
-on held-out prompts often enough, its KL to the served version stays bounded and its answer length
-does not run away (`training.reward_eval`).
+For an RLHF candidate (a `reward_check` that decides): the reward model prefers its answers to the
+served version's on held-out prompts often enough, its KL to the served version stays bounded and
+its answer length does not run away (`training.reward_eval`). A DPO / KTO candidate gets the same
+numbers, reported only, when a reward model exists.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from service.registry import Registry
 from service.store import ModelVersion
 from training.config import GateConfig
-from training.reward_eval import RLHFCheck
+from training.reward_eval import RewardCheck
 
 logger = logging.getLogger(__name__)
 Canary = Callable[[Path, Path, str], str]
@@ -46,7 +47,7 @@ def run_gate(
     max_length: int,
     tokenizer_path: Path,
     canary: Canary,
-    rlhf: RLHFCheck | None = None,
+    reward_check: RewardCheck | None = None,
 ) -> GateResult:
     from training.evaluation import weights_are_finite
 
@@ -75,12 +76,12 @@ def run_gate(
             _timed, seconds, "canary", canary,
             registry.weights_path(candidate), tokenizer_path, cfg.canary_prompt,
         )  # fmt: skip
-        if rlhf is None:
+        if reward_check is None or not reward_check.decides:
             _heldout(
                 result, registry, candidate, parent, heldout_pairs, cfg, beta, max_length, fail
             )
-        else:
-            _rlhf(result, registry, candidate, parent, rlhf, cfg, fail)
+        if reward_check is not None:
+            _reward_model(result, registry, candidate, parent, reward_check, cfg, fail)
         seconds["heldout"] = round(time.perf_counter() - started, 2)
         try:
             text = answer.result()
@@ -108,23 +109,27 @@ def _timed(seconds: dict[str, float], name: str, fn: Callable[..., str], *args: 
         seconds[name] = round(time.perf_counter() - started, 2)
 
 
-def _rlhf(
+def _reward_model(
     result: GateResult,
     registry: Registry,
     candidate: ModelVersion,
     parent: ModelVersion,
-    check: RLHFCheck,
+    check: RewardCheck,
     cfg: GateConfig,
     fail: Callable[[str], None],
 ) -> None:
-    from training.reward_eval import rlhf_stats
+    from training.reward_eval import reward_comparison
 
     if not check.prompts:
-        result.metrics["rlhf"] = {"prompts": 0, "skipped": True}
+        result.metrics["reward_model"] = {"prompts": 0, "skipped": True}
         return
     check.prompts = check.prompts[: cfg.eval_prompts]
-    stats = rlhf_stats(registry.weights_path(candidate), registry.weights_path(parent), check)
-    result.metrics["rlhf"] = stats
+    stats = reward_comparison(
+        registry.weights_path(candidate), registry.weights_path(parent), check
+    )
+    result.metrics["reward_model"] = stats
+    if not check.decides:
+        return
     if stats["win_rate"] < cfg.min_win_rate:
         fail(f"reward-model win rate {stats['win_rate']:.2f} < {cfg.min_win_rate}")
     if stats["kl"] > cfg.max_kl:

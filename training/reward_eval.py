@@ -1,5 +1,5 @@
-"""What the gate measures for an RLHF candidate: how often the reward model prefers its answers to
-the served version's on held-out prompts, how far it moved from the served version (KL per
+"""What the gate measures with a reward model: how often it prefers a candidate's answers to the
+served version's on held-out prompts, how far it moved from the served version (KL per
 answer), and how its answer length changed.
 
 Both models answer every prompt by sampling at the rollout temperature with the same seed; the
@@ -8,7 +8,7 @@ on the candidate's own answers, sum_t log p_cand(y_t) - log p_served(y_t), at th
 the quantity PPO's penalty and target are stated in. Reward hacking shows as a high win rate with a
 large KL or a collapsing (or ballooning) length, which the gate bounds.
 
-    stats = rlhf_stats(candidate_weights, served_weights, check)
+    stats = reward_stats(candidate_weights, served_weights, check)
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from typing import Any
 
 
 @dataclass
-class RLHFCheck:
-    """What the gate needs to judge an RLHF candidate."""
+class RewardCheck:
+    """What the gate needs to measure a candidate with a reward model; `decides`: the bounds
+    reject (RLHF candidates), else the numbers are only reported (DPO / KTO ones)."""
 
+    decides: bool
     reward_model_path: Path
     reward_model_id: str
     reward_stats: dict[str, float]
@@ -41,7 +43,9 @@ def win_rate(candidate: list[float], served: list[float]) -> float:
     )
 
 
-def rlhf_stats(candidate_weights: Path, served_weights: Path, check: RLHFCheck) -> dict[str, Any]:
+def reward_comparison(
+    candidate_weights: Path, served_weights: Path, check: RewardCheck
+) -> dict[str, Any]:
     """{"prompts", "win_rate", "kl", "candidate_tokens", "served_tokens", "length_change",
     "candidate_score", "served_score"} (scores normalised by the reward model's statistics)."""
     import torch

@@ -134,7 +134,7 @@ async def test_sft_reward_model_ppo_then_promotion_and_reuse(
     # PPO's adapter applies to the SFT version's merged weights, which are its KL reference.
     assert (ppo.kind, ppo.parent_id, ppo.weights_id) == ("lora", sft.id, sft.id)
     assert ppo.id == run.candidate_version_id == registry.served().version.id
-    gate = ppo.metrics["gate"]["rlhf"]
+    gate = ppo.metrics["gate"]["reward_model"]
     assert gate["reward_model"] == reward.id and 0.0 <= gate["win_rate"] <= 1.0
     assert gate["prompts"] >= 1 and gate["candidate_tokens"] > 0
     assert registry.checksum_mismatches(ppo) == []

@@ -285,25 +285,35 @@ def _rollout(
 
 
 def _answer_logits(model: Any, r: Rollout, rows: Any) -> Any:
-    """Logits that predict each answer token: position t - 1 predicts token t. (b, T, V)."""
+    """Logits that predict each answer token: position t - 1 predicts token t. (b, T, V).
+
+    Only those positions go through the LM head (49k wide on the embedded model): the prompt's
+    would be thrown away."""
     attention = r.attention[rows]
+    answer_width = r.sequences.shape[1] - r.prompt_width
     logits = model(
         input_ids=r.sequences[rows],
         attention_mask=attention,
         position_ids=_positions(attention),
         use_cache=False,
+        logits_to_keep=answer_width + 1,
     ).logits
-    return logits[:, r.prompt_width - 1 : -1]
+    return logits[:, :-1]
 
 
-def _values(value_model: Any, r: Rollout, rows: Any) -> Any:
-    """The value head on every position's hidden state, aligned with `_answer_logits`. (b, T)."""
+def _values(value_model: Any, r: Rollout, rows: Any, stats: dict[str, float]) -> Any:
+    """The value head on every position's hidden state, aligned with `_answer_logits`. (b, T).
+
+    Normalised as the scores are, (head - mean) / std: the value model starts as the reward
+    model, so its first estimates are already on the scale of the returns (the head has no bias
+    that could absorb the offset)."""
     base = value_model.get_base_model()
     attention = r.attention[rows]
     hidden = base.model(
         input_ids=r.sequences[rows], attention_mask=attention, position_ids=_positions(attention)
     ).last_hidden_state
-    return base.score(hidden[:, r.prompt_width - 1 : -1].float()).squeeze(-1)
+    head = base.score(hidden[:, r.prompt_width - 1 : -1].float()).squeeze(-1)
+    return (head - stats["score_mean"]) / stats["score_std"]
 
 
 def _iteration(
@@ -336,7 +346,7 @@ def _iteration(
             ref_logits = _answer_logits(policy, r, everything)
         ref_logprobs = losses.logprobs_from_logits(ref_logits, answers, ppo.temperature)
         del logits, ref_logits
-        old_values = _values(value_model, r, everything)
+        old_values = _values(value_model, r, everything, job.reward_stats)
         raw = score_ids(
             reward_model,
             [render(tokenizer, p, t) for p, t in zip(prompts, r.texts, strict=True)],
@@ -355,6 +365,7 @@ def _iteration(
         advantages, returns = losses.gae_advantages(rewards, old_values, r.mask, ppo.gamma, ppo.lam)
         advantages = losses.masked_whiten(advantages, r.mask)
 
+    scored = time.perf_counter()
     policy.train()
     value_model.train()
     seen: dict[str, list[float]] = {}
@@ -368,7 +379,7 @@ def _iteration(
             pg_loss, pg_stats = losses.policy_loss(
                 logprobs, old_logprobs[rows], advantages[rows], mask, ppo.clip_range
             )
-            values = _values(value_model, r, rows)
+            values = _values(value_model, r, rows, job.reward_stats)
             vf_loss, vf_stats = losses.value_loss(
                 values, old_values[rows], returns[rows], mask, ppo.value_clip_range
             )
@@ -407,5 +418,8 @@ def _iteration(
         "policy_loss_first_epoch": statistics.fmean(surrogate_by_epoch[0]),
         "policy_loss_last_epoch": statistics.fmean(surrogate_by_epoch[-1]),
         "rollout_tokens_per_s": answer_tokens / rollout_s,
+        "rollout_s": rollout_s,
+        "scoring_s": scored - started - rollout_s,
+        "update_s": time.perf_counter() - scored,
         "iteration_s": time.perf_counter() - started,
     }
