@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT
 
-ORDER = ("serving", "ingest", "swap", "training", "training-gpu", "loop")
+ORDER = ("serving", "ingest", "swap", "training", "training-gpu", "loop", "ppo")
 # Results made on another machine and kept in RECORDED; never read from a local run's results.
 RECORDED_NAMES = ("training-gpu",)
 DOC = ROOT / "docs" / "BENCHMARKS.md"

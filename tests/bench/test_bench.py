@@ -168,3 +168,98 @@ def test_serving_target_is_the_mean_of_the_abba_rounds(tmp_path, monkeypatch):
     first_pass = result.tables[0]["rows"]
     assert [row[:3] for row in first_pass] == [[ours, 100.0, 1.111], [stock, 90.0, 1.0]]
     assert [row[:2] for row in result.tables[1]["rows"]] == [[stock, 130.0], [ours, 120.0]]
+
+
+def test_ppo_rates_are_medians_of_tokens_per_second():
+    from bench import ppo
+
+    assert ppo.tokens_per_s(960, 12.0) == 80.0
+    assert ppo.tokens_per_s(10, 0.0) != ppo.tokens_per_s(10, 0.0)  # NaN
+    # 100, 50 and 60 tokens/s: the median of the rates, not tokens / seconds over the runs.
+    assert ppo.median_rate([(1000, 10.0), (500, 10.0), (1200, 20.0)]) == 60.0
+
+
+def test_ppo_iteration_cost_charges_vllm_merge_and_reload():
+    from bench import ppo
+
+    cost = ppo.iteration_cost(1200, 80.0, 240.0, merge_save_s=3.0, reload_s=1.5)
+    assert cost.hf_s == 15.0
+    assert cost.vllm_generate_s == 5.0
+    assert cost.vllm_s == 9.5
+    assert cost.ratio == pytest.approx(9.5 / 15.0)  # < 1: vLLM is faster
+    assert ppo.verdict(cost) == "the vLLM design is faster here: HF generate takes 1.58x as long"
+
+    slow = ppo.iteration_cost(1200, 80.0, 100.0, merge_save_s=3.0, reload_s=1.0)
+    assert slow.vllm_s == 16.0 and slow.ratio == pytest.approx(16.0 / 15.0)
+    assert ppo.verdict(slow).startswith("HF generate is faster here: the vLLM design takes 1.07x")
+
+    broken = ppo.iteration_cost(1200, 80.0, 240.0, merge_save_s=3.0, reload_s=None)
+    assert broken.vllm_s is None and broken.ratio is None
+    assert ppo.verdict(broken).startswith("no verdict")
+
+
+def test_ppo_figures_split_iterations_into_rollout_and_the_rest():
+    from bench import ppo
+
+    # answer_tokens is the mean per answer: 16 answers of 60 tokens at 96 tok/s take 10 s.
+    steps = [
+        {"answer_tokens": 60.0, "rollout_tokens_per_s": 96.0, "iteration_s": 40.0},
+        {"answer_tokens": 90.0, "rollout_tokens_per_s": 120.0, "iteration_s": 30.0},
+        {"answer_tokens": 30.0, "rollout_tokens_per_s": 80.0, "iteration_s": 26.0},
+    ]
+    figures = ppo.ppo_figures(steps, rollouts=16, train_runtime=96.0)
+    assert figures["episodes_per_s"] == 0.5  # 3 x 16 / 96
+    assert figures["iteration_s"] == 30.0
+    assert figures["rollout_tokens_per_s"] == 96.0
+    assert figures["rollout_s"] == 10.0  # rollouts 10, 12 and 6 s
+    assert figures["update_s"] == 20.0  # 30, 18 and 20 s
+    assert figures["rollout_share"] == pytest.approx(28.0 / 96.0)
+
+
+def test_ppo_report_target_is_vllm_over_hf(tmp_path, monkeypatch):
+    from bench import ppo
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    hf = {"runs": [(800, 10.0), (800, 8.0), (800, 16.0)], "ended": [3, 4, 5], "merge_save_s": 4.0}
+    vllm = {
+        "runs": [(800, 4.0), (800, 4.0), (800, 5.0)],
+        "ended": [4, 4, 4],
+        "start_s": 24.0,
+        "eos_kept": 12,
+        "reload_s": 0.8,
+        "reload_error": None,
+        "dtype": "float32",
+    }
+    result = Result("ppo", "PPO (RLHF)", command="python -m bench.ppo")
+    ppo.report(result, 16, 96, hf, vllm, None)
+    (target,) = result.targets
+    # 800 tokens: HF at 80 tok/s 10 s; vLLM at 200 tok/s 4 s + 4 s merge + 0.8 s reload.
+    assert target.value == 0.88 and target.direction == ">=" and target.met is False
+    assert result.tables[1]["rows"][1] == ["vLLM engine + full-weight reload", 4.0, 4.0, 0.8, 8.8]
+    assert result.tables[0]["rows"][0][1:] == [80.0, 800, 10.0, "4/16"]
+
+
+def test_ppo_report_puts_the_rollout_saving_in_a_whole_iteration(tmp_path, monkeypatch):
+    from bench import ppo
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    hf = {"runs": [(800, 10.0)] * 3, "ended": [4] * 3, "merge_save_s": 1.0}
+    vllm = {
+        "runs": [(800, 4.0)] * 3,
+        "ended": [4] * 3,
+        "start_s": 24.0,
+        "eos_kept": 12,
+        "reload_s": 1.0,
+        "reload_error": None,
+        "dtype": "float32",
+    }
+    steps = [{"answer_tokens": 50.0, "rollout_tokens_per_s": 80.0, "iteration_s": 40.0,
+              "eos_rate": 0.5}] * 3  # fmt: skip
+    summary = {"step_metrics": steps, "train_runtime": 120.0, "setup_s": 2.0,
+               "torch_threads": 2, "bf16": False, "peak_rss_mb": 900}  # fmt: skip
+    result = Result("ppo", "PPO (RLHF)", command="python -m bench.ppo")
+    ppo.report(result, 16, 96, hf, vllm, summary)
+    assert result.targets[0].value == 0.6  # (4 + 1 + 1) / 10
+    assert result.tables[2]["rows"] == [[0.4, 40.0, 80.0, 10.0, 30.0, "25%"]]
+    # HF 10 s, vLLM 6 s: 4 s less of a 40 s iteration.
+    assert any("(40.0 s) by -4.0 s (-10%)" in note for note in result.notes)
