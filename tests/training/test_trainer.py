@@ -335,11 +335,13 @@ def test_sft_trains_the_adapter_on_answer_tokens_only(
         }
         for q in QUESTIONS
     ]
-    job = make_job(tmp_path, tiny_model_dir, rows, tiny_config(), algorithm="sft")
+    config = tiny_config()
+    config.sft.epochs = 2.0
+    job = make_job(tmp_path, tiny_model_dir, rows, config, algorithm="sft")
     summary = train_loop(job.to_dict())
 
     assert_all_changed(trained)
-    assert summary["global_step"] == 4 and summary["rows"] == 4  # train.sft.epochs 2 x 2 steps
+    assert summary["global_step"] == 4 and summary["rows"] == 4  # 2 epochs x 2 steps of 2 rows
     assert (job.output_dir / "adapter_model.safetensors").is_file()
     # The collator masks the prompt: only answer tokens (and the end of turn) carry labels.
     batch = trained["trainer"].data_collator([trained["trainer"].train_dataset[0]])
