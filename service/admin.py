@@ -17,7 +17,7 @@ from service.protocol import RewardScore, RewardScores, ScoreRequest
 from service.registry import REWARD_KIND, Registry
 from service.rollout import VersionFollower
 from service.runs import ACTIVE, queue_run, recent_runs
-from service.scoring import ScorerCache
+from service.scoring import ScorerCache, normalisation
 from service.store import Feedback, ModelVersion, TrainingRun, used_feedback_ids
 
 # What a version listing shows of a reward model's training metrics (`metrics.train.reward_model`).
@@ -115,10 +115,8 @@ def score_answers(registry: Registry, scorers: ScorerCache, req: ScoreRequest) -
     scorer = scorers.get(version.id, registry.weights_path(version))
     conversation = [m.model_dump() for m in req.messages]
     scores = scorer.score([conversation] * len(req.answers), req.answers)
-    stats = reward_stats(version)
-    mean, std = stats.get("score_mean"), stats.get("score_std")
-    if not (isinstance(mean, int | float) and isinstance(std, int | float) and std > 0):
-        mean, std = 0.0, 1.0  # no statistics recorded: the raw score is all there is
+    stats = normalisation(version.metrics or {})
+    mean, std = stats["score_mean"], stats["score_std"]
     return RewardScores(
         reward_model=version.id,
         data=[

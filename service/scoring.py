@@ -22,6 +22,19 @@ from typing import Any
 Messages = list[dict[str, Any]]
 
 
+def normalisation(metrics: dict[str, Any]) -> dict[str, float]:
+    """`score_mean` and `score_std` of a reward model's scores on its training answers, from its
+    version's metrics (`train.reward_model`), which PPO, the gate and the admin API normalise
+    scores by; 0 and 1 where training recorded none (or a spread of 0)."""
+    train = metrics.get("train")
+    measured = train.get("reward_model") if isinstance(train, dict) else None
+    measured = measured if isinstance(measured, dict) else {}
+    mean, std = measured.get("score_mean"), measured.get("score_std")
+    if not (isinstance(mean, int | float) and isinstance(std, int | float) and std > 0):
+        return {"score_mean": 0.0, "score_std": 1.0}
+    return {"score_mean": float(mean), "score_std": float(std)}
+
+
 def render(tokenizer: Any, conversation: Messages, answer: str) -> list[int]:
     """Token ids of the conversation followed by `answer` as the assistant's turn, through the
     chat template (no generation prompt: the answer's turn is closed as the template closes it)."""

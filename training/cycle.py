@@ -31,6 +31,7 @@ from sqlalchemy import select
 
 from service.registry import Registry, new_version_id
 from service.runs import get_run, update_run
+from service.scoring import normalisation
 from service.store import ModelVersion, PreferenceSnapshot, Store, TrainingRun
 from training import preference_sets
 from training.canary import run_canary
@@ -333,7 +334,7 @@ class _Cycle:
                     run_id=self.run_id,
                     start_model_path=start_weights,
                     reward_model_path=registry.weights_path(reward),
-                    reward_stats=reward_stats(reward),
+                    reward_stats=normalisation(reward.metrics),
                     prompts_file=prompts,
                     output_dir=out / "adapter",
                     config=cfg,
@@ -367,15 +368,6 @@ def distinct_prompts(*files: list[dict[str, Any]]) -> list[list[dict[str, Any]]]
                 seen.add(key)
                 out.append(row["prompt"])
     return out
-
-
-def reward_stats(reward: ModelVersion) -> dict[str, float]:
-    """The mean and spread of a reward model's scores on its training answers."""
-    measured = reward.metrics.get("train", {}).get("reward_model", {})
-    return {
-        "score_mean": float(measured.get("score_mean", 0.0)),
-        "score_std": float(measured.get("score_std", 1.0)) or 1.0,
-    }
 
 
 def _reusable_reward_model(ctx: CycleContext, retrain_after: int) -> ModelVersion | None:
@@ -420,7 +412,7 @@ def _reward_check(
         decides=algorithm == "rlhf",
         reward_model_path=registry.weights_path(reward),
         reward_model_id=reward.id,
-        reward_stats=reward_stats(reward),
+        reward_stats=normalisation(reward.metrics),
         prompts=distinct_prompts(pset.pairs_heldout, pset.kto_heldout, pset.sft_heldout),
         max_new_tokens=cfg.train.ppo.max_new_tokens,
         temperature=cfg.train.ppo.temperature,

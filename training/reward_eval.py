@@ -8,7 +8,7 @@ on the candidate's own answers, sum_t log p_cand(y_t) - log p_served(y_t), at th
 the quantity PPO's penalty and target are stated in. Reward hacking shows as a high win rate with a
 large KL or a collapsing (or ballooning) length, which the gate bounds.
 
-    stats = reward_stats(candidate_weights, served_weights, check)
+    stats = reward_comparison(candidate_weights, served_weights, check)
 """
 
 from __future__ import annotations
