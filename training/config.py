@@ -194,7 +194,8 @@ class GateConfig(BaseModel):
     max_kl: float = Field(
         default=10.0,
         gt=0,
-        description="rlhf: mean per-answer KL (nats) of the candidate to the served version",
+        description="rlhf: mean per-answer KL (nats) of a PPO candidate to the policy PPO started "
+        "from (its reference; the KL to the served version, SFT included, is reported)",
     )
     # A collapse (64 -> 9 words in DESIGN.md's calibration) is -86%; the SFT that taught the demo's
     # users' procedures halved them (64 -> 32 words).

@@ -156,7 +156,7 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 max_length=cfg.train.max_length,
                 tokenizer_path=ctx.tokenizer_path,
                 canary=ctx.canary,
-                reward_check=_reward_check(ctx, pset, result.reward_model, algorithm),
+                reward_check=_reward_check(ctx, pset, result.reward_model, algorithm, candidate),
             )
             registry.judge(
                 candidate.id,
@@ -397,6 +397,7 @@ def _reward_check(
     pset: preference_sets.PreferenceSet,
     reward: ModelVersion | None,
     algorithm: str,
+    candidate: ModelVersion,
 ) -> RewardCheck | None:
     """What the gate measures with a reward model: this cycle's for RLHF (and it decides), the
     newest one for DPO / KTO when there is one (reported beside the implicit rewards)."""
@@ -412,6 +413,9 @@ def _reward_check(
         decides=algorithm == "rlhf",
         reward_model_path=registry.weights_path(reward),
         reward_model_id=reward.id,
+        reference_weights=registry.weights_path(registry.get(candidate.weights_id))
+        if candidate.algorithm == "ppo"
+        else None,
         reward_stats=normalisation(reward.metrics),
         prompts=distinct_prompts(pset.pairs_heldout, pset.kto_heldout, pset.sft_heldout),
         max_new_tokens=cfg.train.ppo.max_new_tokens,

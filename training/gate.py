@@ -132,8 +132,8 @@ def _reward_model(
         return
     if stats["win_rate"] < cfg.min_win_rate:
         fail(f"reward-model win rate {stats['win_rate']:.2f} < {cfg.min_win_rate}")
-    if stats["kl"] > cfg.max_kl:
-        fail(f"KL to the served version {stats['kl']:.2f} nats per answer > {cfg.max_kl}")
+    if stats["kl_reference"] is not None and stats["kl_reference"] > cfg.max_kl:
+        fail(f"KL to PPO's reference {stats['kl_reference']:.2f} nats per answer > {cfg.max_kl}")
     if abs(stats["length_change"]) > cfg.max_length_change:
         fail(
             f"answer length changed by {stats['length_change']:+.0%} "

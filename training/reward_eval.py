@@ -27,6 +27,10 @@ class RewardCheck:
     decides: bool
     reward_model_path: Path
     reward_model_id: str
+    # A PPO candidate's KL reference (the weights PPO started from, the SFT version's after an SFT
+    # stage); None for other candidates. The gate bounds the KL to it: SFT's move toward the
+    # users' own answers is no reward hacking, and the KL to the served version counts it.
+    reference_weights: Path | None
     reward_stats: dict[str, float]
     prompts: list[list[dict[str, Any]]]  # held-out prompts (lists of messages)
     max_new_tokens: int
@@ -46,8 +50,9 @@ def win_rate(candidate: list[float], served: list[float]) -> float:
 def reward_comparison(
     candidate_weights: Path, served_weights: Path, check: RewardCheck
 ) -> dict[str, Any]:
-    """{"prompts", "win_rate", "kl", "candidate_tokens", "served_tokens", "length_change",
-    "candidate_score", "served_score"} (scores normalised by the reward model's statistics)."""
+    """{"prompts", "win_rate", "kl" (to the served version), "kl_reference" (to PPO's reference,
+    or None), "candidate_tokens", "served_tokens", "length_change", "candidate_score",
+    "served_score"} (scores normalised by the reward model's statistics)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,6 +88,14 @@ def reward_comparison(
         answers[name] = _cut_at_eos(out[:, encoded["input_ids"].shape[1] :], tokenizer.eos_token_id)
 
     kl = _kl_per_answer(candidate, served, encoded, answers["candidate"], check.temperature)
+    kl_reference: float | None = None
+    if check.reference_weights is not None:
+        reference = AutoModelForCausalLM.from_pretrained(
+            str(check.reference_weights), dtype=torch.float32
+        )
+        kl_reference = statistics.fmean(
+            _kl_per_answer(candidate, reference, encoded, answers["candidate"], check.temperature)
+        )
     scorer = RewardScorer.load(check.reward_model_path)
     mean, std = check.reward_stats["score_mean"], check.reward_stats["score_std"]
     scores = {
@@ -101,6 +114,7 @@ def reward_comparison(
         "reward_model": check.reward_model_id,
         "win_rate": win_rate(scores["candidate"], scores["served"]),
         "kl": statistics.fmean(kl),
+        "kl_reference": kl_reference,
         "candidate_tokens": tokens["candidate"],
         "served_tokens": tokens["served"],
         "length_change": tokens["candidate"] / max(tokens["served"], 1.0) - 1.0,

@@ -75,11 +75,12 @@ def full_copy(registry: Registry, tmp_path: Path, name: str, noise: float) -> ob
     )
 
 
-def judge(registry, candidate, reward_dir, *, decides: bool, **gate_cfg):
+def judge(registry, candidate, reward_dir, *, decides: bool, reference=None, **gate_cfg):
     check = RewardCheck(
         decides=decides,
         reward_model_path=reward_dir,
         reward_model_id="rm-test",
+        reference_weights=reference,
         reward_stats={"score_mean": 0.0, "score_std": 1.0},
         prompts=list(PROMPTS),
         max_new_tokens=8,
@@ -119,18 +120,26 @@ def test_a_candidate_far_from_the_served_version_is_rejected_on_kl(
     registry, tmp_path, reward_dir
 ) -> None:
     drifted = full_copy(registry, tmp_path, "v-drifted", noise=0.5)
-    result = judge(
-        registry, drifted, reward_dir, decides=True, min_win_rate=0.0, max_length_change=100.0,
-        max_kl=1.0,
-    )  # fmt: skip
-    assert result.metrics["reward_model"]["kl"] > 1.0
+    base = registry.weights_path(registry.get("base"))
+    loose = {"min_win_rate": 0.0, "max_length_change": 100.0, "max_kl": 1.0}
+    # Without a PPO reference (an SFT-only candidate) the drift is reported, not bounded.
+    unbounded = judge(registry, drifted, reward_dir, decides=True, **loose)
+    assert unbounded.passed and unbounded.metrics["reward_model"]["kl_reference"] is None
+    assert unbounded.metrics["reward_model"]["kl"] > 1.0
+    # As a PPO candidate that started from the base, its KL to that reference is bounded.
+    result = judge(registry, drifted, reward_dir, decides=True, reference=base, **loose)
+    assert result.metrics["reward_model"]["kl_reference"] > 1.0
     assert not result.passed
-    assert len(result.reasons) == 1 and result.reasons[0].startswith("KL to the served version")
+    assert len(result.reasons) == 1 and result.reasons[0].startswith("KL to PPO's reference")
 
 
 def test_for_a_dpo_candidate_the_numbers_are_reported_only(registry, tmp_path, reward_dir) -> None:
     drifted = full_copy(registry, tmp_path, "v-dpo", noise=0.5)
-    result = judge(registry, drifted, reward_dir, decides=False, min_win_rate=1.0, max_kl=1e-3)
+    base = registry.weights_path(registry.get("base"))
+    result = judge(
+        registry, drifted, reward_dir, decides=False, reference=base, min_win_rate=1.0,
+        max_kl=1e-3,
+    )  # fmt: skip
     assert result.passed, result.reasons
     assert result.metrics["reward_model"]["kl"] > 1e-3
     # No held-out pairs: the DPO check still ran, and said so.
