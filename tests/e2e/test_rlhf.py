@@ -13,6 +13,7 @@ test to minutes; the demo runs the full one. Run alone with:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import httpx
@@ -78,7 +79,9 @@ def test_sft_reward_model_ppo_over_http(loop_service: Service):  # noqa: F811
     assert reward.kind == "reward" and reward.status == "approved"
     gate = candidate.metrics["gate"]
     assert gate["canary"].strip()
-    assert gate["reward_model"]["win_rate"] >= 0.5 and gate["reward_model"]["kl"] <= 10.0
+    checked = gate["reward_model"]
+    assert checked["win_rate"] >= 0.5 and checked["kl_reference"] <= 10.0
+    assert math.isfinite(checked["kl"])  # the KL to the served version (SFT's too) is reported
 
     deadline = time.monotonic() + 5.0
     while served_version(svc) != candidate.id:
