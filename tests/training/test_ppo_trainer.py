@@ -39,20 +39,6 @@ METRICS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_reward_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama under a random one-label scalar head, saved with its tokenizer."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-reward")
-    torch.manual_seed(2)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def models(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The models `ppo_loop` loads, with their trainable parameters before training."""

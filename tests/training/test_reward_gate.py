@@ -33,20 +33,6 @@ def registry(store: Store, tmp_path: Path, tiny_model_dir: Path) -> Registry:
     return reg
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("gate-reward")
-    torch.manual_seed(3)
-    AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=1
-    ).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return path
-
-
 def full_copy(registry: Registry, tmp_path: Path, name: str, noise: float) -> object:
     """A full-weights candidate: the base's weights plus `noise` times Gaussian noise."""
     import torch
@@ -75,10 +61,10 @@ def full_copy(registry: Registry, tmp_path: Path, name: str, noise: float) -> ob
     )
 
 
-def judge(registry, candidate, reward_dir, *, decides: bool, reference=None, **gate_cfg):
+def judge(registry, candidate, tiny_reward_dir, *, decides: bool, reference=None, **gate_cfg):
     check = RewardCheck(
         decides=decides,
-        reward_model_path=reward_dir,
+        reward_model_path=tiny_reward_dir,
         reward_model_id="rm-test",
         reference_weights=reference,
         reward_stats={"score_mean": 0.0, "score_std": 1.0},
@@ -102,42 +88,44 @@ def judge(registry, candidate, reward_dir, *, decides: bool, reference=None, **g
 
 
 def test_a_candidate_equal_to_the_served_version_ties_and_is_held_to_the_win_rate(
-    registry, tmp_path, reward_dir
+    registry, tmp_path, tiny_reward_dir
 ) -> None:
     same = full_copy(registry, tmp_path, "v-same", noise=0.0)
     # Same weights, same seed: the same answers, tied scores (win rate 0.5), KL 0.
-    result = judge(registry, same, reward_dir, decides=True, min_win_rate=0.6)
+    result = judge(registry, same, tiny_reward_dir, decides=True, min_win_rate=0.6)
     stats = result.metrics["reward_model"]
     assert stats["win_rate"] == 0.5 and stats["kl"] == pytest.approx(0.0, abs=1e-4)
     assert stats["length_change"] == 0.0 and stats["prompts"] == 2
     assert not result.passed
     assert result.reasons == ["reward-model win rate 0.50 < 0.6"]
     # Within the default bounds it passes on the same numbers.
-    assert judge(registry, same, reward_dir, decides=True).passed
+    assert judge(registry, same, tiny_reward_dir, decides=True).passed
 
 
 def test_a_candidate_far_from_the_served_version_is_rejected_on_kl(
-    registry, tmp_path, reward_dir
+    registry, tmp_path, tiny_reward_dir
 ) -> None:
     drifted = full_copy(registry, tmp_path, "v-drifted", noise=0.5)
     base = registry.weights_path(registry.get("base"))
     loose = {"min_win_rate": 0.0, "max_length_change": 100.0, "max_kl": 1.0}
     # Without a PPO reference (an SFT-only candidate) the drift is reported, not bounded.
-    unbounded = judge(registry, drifted, reward_dir, decides=True, **loose)
+    unbounded = judge(registry, drifted, tiny_reward_dir, decides=True, **loose)
     assert unbounded.passed and unbounded.metrics["reward_model"]["kl_reference"] is None
     assert unbounded.metrics["reward_model"]["kl"] > 1.0
     # As a PPO candidate that started from the base, its KL to that reference is bounded.
-    result = judge(registry, drifted, reward_dir, decides=True, reference=base, **loose)
+    result = judge(registry, drifted, tiny_reward_dir, decides=True, reference=base, **loose)
     assert result.metrics["reward_model"]["kl_reference"] > 1.0
     assert not result.passed
     assert len(result.reasons) == 1 and result.reasons[0].startswith("KL to PPO's reference")
 
 
-def test_for_a_dpo_candidate_the_numbers_are_reported_only(registry, tmp_path, reward_dir) -> None:
+def test_for_a_dpo_candidate_the_numbers_are_reported_only(
+    registry, tmp_path, tiny_reward_dir
+) -> None:
     drifted = full_copy(registry, tmp_path, "v-dpo", noise=0.5)
     base = registry.weights_path(registry.get("base"))
     result = judge(
-        registry, drifted, reward_dir, decides=False, reference=base, min_win_rate=1.0,
+        registry, drifted, tiny_reward_dir, decides=False, reference=base, min_win_rate=1.0,
         max_kl=1e-3,
     )  # fmt: skip
     assert result.passed, result.reasons
