@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -45,6 +46,8 @@ MAX_ROUNDS = 20  # the demo gives up instead of running forever
 # A DPO cycle takes a few minutes here; the RLHF path's three jobs (SFT, reward model, PPO) more.
 CYCLE_TIMEOUT_S = 1800
 SWAP_WAIT_S = 30
+# Where Ray keeps the current session's worker logs (under RAY_TMPDIR when that is set).
+RAY_WORKER_LOGS = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "session_latest" / "logs"
 
 
 @dataclass
@@ -299,19 +302,43 @@ def _algorithm_lines(run: dict[str, Any]) -> list[str]:
     ]
 
 
+def log_to_file(path: Path) -> None:
+    """Send what Ray, vLLM, transformers and this process log (everything written to file
+    descriptor 2) to `path`; the demo's progress and report stay on standard output. Ray's
+    workers (replicas, engines, training jobs) log to Ray's session directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING)
     try:
         settings = demo_settings()
     except SettingsError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
+    log = settings.data_dir / "demo.log"
+    log_to_file(log)
+    print(f"demo in {settings.data_dir}; logs: {log}, Ray's workers: {RAY_WORKER_LOGS}", flush=True)
+    started = time.monotonic()
+    try:
+        return run(settings, started)
+    except Exception:
+        logging.getLogger("prefloop.demo").exception("the demo failed")
+        print(f"demo failed after {time.monotonic() - started:.0f} s; see {log}", flush=True)
+        return 1
+
+
+def run(settings: Settings, started: float) -> int:
     from deploy.loop import cycle_context
     from service import deployment
     from training.scheduler import Scheduler
 
-    started = time.monotonic()
-    deployment.deploy(settings)
+    deployment.deploy(settings, log_to_driver=False)
     ctx = cycle_context(settings)
     ctx.settings.scheduler.poll_s = 2.0
     scheduler = Scheduler(ctx)

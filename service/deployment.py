@@ -92,9 +92,10 @@ def app_from_env(args: dict[str, str]) -> serve.Application:
     return application(settings)
 
 
-def deploy(settings: Settings) -> None:
+def deploy(settings: Settings, log_to_driver: bool = True) -> None:
     """Migrate the store, start or join Ray, start Serve's proxy and run the app (returns when
-    every replica is up)."""
+    every replica is up). `log_to_driver=False` leaves the replicas' and engines' output in Ray's
+    session logs instead of this process's."""
     import ray
 
     version = prepare_store(settings)
@@ -108,7 +109,7 @@ def deploy(settings: Settings) -> None:
             address=settings.ray_address,
             include_dashboard=False,
             namespace=APP_NAME,
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
     serve.start(http_options={"host": settings.bind_host, "port": settings.port})
     serve.run(application(settings), name=APP_NAME, route_prefix="/", blocking=False)
