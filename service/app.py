@@ -64,6 +64,7 @@ class _RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
+        self.metrics.sample_in_flight()
 
         async def _send(message):
             if message["type"] == "http.response.start":
@@ -76,6 +77,7 @@ class _RequestMetrics:
             route = scope["path"] if scope["path"] in ROUTES else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.sample_in_flight()
 
 
 def build_app(
@@ -90,7 +92,7 @@ def build_app(
     store = registry.store
     metrics = Metrics(in_flight=lambda: engine.in_flight)
     writer = GroupCommitWriter(store, max_batch=feedback_batch_max)
-    follower = VersionFollower(engine, registry, swap_poll_s)
+    follower = VersionFollower(engine, registry, swap_poll_s, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +142,7 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(await metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(_: Chat) -> ModelList:

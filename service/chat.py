@@ -117,8 +117,8 @@ class ChatService:
                 run.token_ids[d.index].extend(d.token_ids)
                 run.finish[d.index] = d.finish_reason or run.finish[d.index]
             yield [(d.index, d.text, d.finish_reason) for d in deltas]
-        self._metrics.tokens.labels("prompt", run.version).inc(len(run.prompt_token_ids))
-        self._metrics.tokens.labels("completion", run.version).inc(run.completion_tokens)
+        self._metrics.tokens.labels("prompt", str(run.version)).inc(len(run.prompt_token_ids))
+        self._metrics.tokens.labels("completion", str(run.version)).inc(run.completion_tokens)
 
     def _record_op(self, run: _Run):
         version = run.version or self._engine.version

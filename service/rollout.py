@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from service.engine import PolicyEngine
+from service.metrics import Metrics
 from service.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 
 class VersionFollower:
-    def __init__(self, engine: PolicyEngine, registry: Registry, poll_s: float):
+    def __init__(self, engine: PolicyEngine, registry: Registry, poll_s: float, metrics: Metrics):
         self._engine = engine
+        self._metrics = metrics
         self._registry = registry
         self._poll_s = poll_s
         self._lock = asyncio.Lock()
@@ -29,7 +32,10 @@ class VersionFollower:
         async with self._lock:
             served = await asyncio.to_thread(self._registry.served)
             if served.version.id != self._engine.version:
+                started = time.perf_counter()
                 await self._engine.swap(served.version.id, served.weights_path)
+                self._metrics.swap_seconds.observe(time.perf_counter() - started)
+                self._metrics.swaps.labels(served.version.id).inc()
             return self._engine.version
 
     def start(self) -> None:

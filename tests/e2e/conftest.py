@@ -9,7 +9,9 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -51,20 +53,26 @@ def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
     raise TimeoutError(f"{base_url}/readyz not ready after {timeout_s} s: {last}")
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+@contextmanager
+def running_service(
+    tmp_path_factory: pytest.TempPathFactory, **overrides: Any
+) -> Iterator[Service]:
+    """Deploy the service on a Ray cluster of its own (even if `ray start` left one running on
+    this machine) with a fresh SQLite store; `overrides` are settings."""
     from deploy.bootstrap import ensure_embedded_model
     from service import deployment
 
     settings = Settings(
-        port=free_port(),
-        database_url=f"sqlite:///{tmp_path_factory.mktemp('e2e-db') / 'prefloop.db'}",
-        model_path=ensure_embedded_model(Settings().data_dir),
-        api_keys=KEYS,
-        health_check_period_s=1,
-        # A Ray cluster of our own, even if `ray start` left one running on this machine.
-        ray_address="local",
-        engine=EngineSettings(kv_cache_space_gib=1, max_num_seqs=32),
+        **{
+            "port": free_port(),
+            "database_url": f"sqlite:///{tmp_path_factory.mktemp('e2e-db') / 'prefloop.db'}",
+            "model_path": ensure_embedded_model(Settings().data_dir),
+            "api_keys": KEYS,
+            "health_check_period_s": 1,
+            "ray_address": "local",
+            "engine": EngineSettings(kv_cache_space_gib=1, max_num_seqs=32),
+            **overrides,
+        }
     )
     store = Store(settings.resolved_database_url)
     try:
@@ -75,3 +83,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     finally:
         store.close()
         deployment.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running_service(tmp_path_factory) as svc:
+        yield svc
