@@ -3,6 +3,7 @@ ask, the votes they cast and that those votes arrive in the store."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import httpx
@@ -12,6 +13,7 @@ from sqlalchemy import select
 from deploy.simulation.rubric import judge
 from deploy.simulation.scenario import Scenario, load_scenario
 from deploy.simulation.users import (
+    POPULATION,
     RETRIES,
     make_client,
     measure_approval,
@@ -78,6 +80,20 @@ def feedback_rows(store: Store) -> list[Feedback]:
         return list(s.scalars(select(Feedback)))
 
 
+def planned_pairwise(conversations: int, seed: int, share: float) -> int:
+    """How many conversations of `run_traffic(..., seed)` are pairwise, by replaying its seeded
+    draws: for each conversation a train prompt, the kind (pairwise below `share`), a user and a
+    chat seed, in that order."""
+    rng = random.Random(seed)
+    pairwise = 0
+    for _ in range(conversations):
+        rng.choice(SCENARIO.train)
+        pairwise += rng.random() < share
+        rng.randrange(POPULATION)
+        rng.randrange(2**31)
+    return pairwise
+
+
 def asked(store: Store) -> Counter[tuple[str, int]]:
     """Every stored (question, seed) pair, with its count."""
     with store.reading() as s:
@@ -95,13 +111,14 @@ async def test_votes_follow_the_rubric_and_reach_the_store(store, registry, good
     assert (stats.conversations, stats.completed, stats.failures) == (40, 40, 0)
     assert stats.requests == 80 and stats.versions == {"base": 40}
     pairwise, thumbs = stats.votes["pairwise"], stats.votes["thumbs"]
-    assert pairwise == {"a" if good_first else "b": pairwise.get("a" if good_first else "b", 0)}
-    assert thumbs == {"up" if good_first else "down": thumbs.get("up" if good_first else "down")}
-    assert sum(pairwise.values()) + sum(thumbs.values()) == 40
-    assert 20 <= sum(pairwise.values()) <= 38  # pairwise_share 0.75
+    n_pairwise = planned_pairwise(40, seed=7, share=0.75)  # run_traffic's default share
+    n_thumbs = 40 - n_pairwise
+    # Every comparison goes to the action path, every thumbs to its verdict on the one answer.
+    assert pairwise == {"a" if good_first else "b": n_pairwise}
+    assert thumbs == {"up" if good_first else "down": n_thumbs}
     # Answers judged: two per comparison, one per thumbs vote; only the paths are approved.
-    assert stats.answers == 2 * sum(pairwise.values()) + sum(thumbs.values())
-    assert stats.approved == sum(pairwise.values()) + (sum(thumbs.values()) if good_first else 0)
+    assert stats.answers == 2 * n_pairwise + n_thumbs
+    assert stats.approved == n_pairwise + (n_thumbs if good_first else 0)
 
     rows = feedback_rows(store)
     assert len(rows) == 40

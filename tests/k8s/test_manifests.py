@@ -43,8 +43,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 
-# _NOT_FIELDS: the PREFLOOP_ names the CLI reads that are no fields; imported to stay in step.
-from service.settings import _NOT_FIELDS, OFFLINE_SECTIONS, Settings, settings_error
+from service.settings import OFFLINE_SECTIONS, Settings, settings_error
 from tests.k8s.cluster import Pod, admits, pods, quantity, selects
 from training.config import TrainingSettings
 
@@ -65,6 +64,9 @@ KUBERNETES_VERSION = "1.31.0"
 FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Doc = dict[str, Any]
+
+# The PREFLOOP_ names the CLI reads that are not settings fields (the config file, the log level).
+NOT_FIELDS = frozenset({"PREFLOOP_CONFIG", "PREFLOOP_LOG_LEVEL"})
 
 
 def rel(path: Path) -> str:
@@ -261,7 +263,7 @@ def test_strict_schema_rejects_what_the_api_server_would_drop(
 @functools.cache
 def known_settings() -> frozenset[str]:
     """Every `PREFLOOP_...` name the service and the offline side read."""
-    known = set(_NOT_FIELDS)
+    known = set(NOT_FIELDS)
 
     def add(prefix: str, model: type[BaseModel]) -> None:
         for name, field in model.model_fields.items():
@@ -383,7 +385,10 @@ def test_gpu_workers_hold_the_replicas_and_a_training_cycle(
     settings, training = load_config(monkeypatch, config_data())
     service = base_one("RayService")
     policy = serve_app(yaml.safe_load(service["spec"]["serveConfigV2"]))["deployments"][0]
-    serving = settings.replicas * policy["ray_actor_options"].get("num_gpus", 0)
+    per_replica = policy["ray_actor_options"].get("num_gpus", 0)
+    scaling = settings.autoscaling
+    fewest = scaling.min_replicas if scaling.enabled else settings.replicas
+    most = scaling.max_replicas if scaling.enabled else settings.replicas
     (submit,) = containers(next(spec for _, spec in pod_specs(base_one("CronJob"))))
     flags = " ".join(env.get("value", "") for env in submit.get("env", []))
     driver = re.search(r"--entrypoint-num-gpus[= ]([\d.]+)", flags)
@@ -396,8 +401,8 @@ def test_gpu_workers_hold_the_replicas_and_a_training_cycle(
         for g in cluster["workerGroupSpecs"]
         for _, spec in pod_specs(g["template"])
     ]
-    assert sum(g["minReplicas"] * gpus for g, gpus in groups) >= serving
-    assert sum(g["maxReplicas"] * gpus for g, gpus in groups) >= serving + cycle
+    assert sum(g["minReplicas"] * gpus for g, gpus in groups) >= fewest * per_replica
+    assert sum(g["maxReplicas"] * gpus for g, gpus in groups) >= most * per_replica + cycle
     assert cluster.get("enableInTreeAutoscaling"), "training needs the autoscaler to add GPUs"
 
 

@@ -166,9 +166,28 @@ async def test_dead_engine_is_503_and_not_ready(client, engine, store):
     assert store.count(Generation) == 0
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"no sample {name}{labels} in /metrics:\n{text}")
+
+
 async def test_metrics_count_requests_and_tokens(client):
-    await client.post("/v1/chat/completions", json={"messages": QUESTION})
+    usages = []
+    for body in ({"messages": QUESTION}, {"messages": QUESTION, "n": 2, "seed": 3}):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
     text = (await client.get("/metrics")).text
-    assert 'prefloop_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
-    assert 'prefloop_tokens_total{kind="completion",model_version="base"}' in text
+    assert 'prefloop_requests_total{route="/v1/chat/completions",status="200"} 2.0' in text
+    # The token counters add up what each response reported (n=2: both choices' tokens).
+    for kind in ("prompt", "completion"):
+        expected = sum(u[f"{kind}_tokens"] for u in usages)
+        counted = metric_value(text, "prefloop_tokens_total", kind=kind, model_version="base")
+        assert counted == expected > 0, kind
     assert "prefloop_engine_requests_in_flight 0.0" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from sqlalchemy import select
@@ -218,14 +219,31 @@ async def test_batch_envelope_is_validated(client, store):
 
 
 @pytest.mark.parametrize("n_events", [64])
-async def test_concurrent_feedback_shares_commits(client, store, n_events):
+async def test_concurrent_feedback_shares_commits(client, store, monkeypatch, n_events):
     rid = await chat(client)
     writer = client._transport.app.state.writer
     before = writer.batches
+    sizes: list[int] = []
+    write_batch = store.write_batch
+
+    def first_commit_waits(ops):
+        # The first commit is held until every other write is queued behind it, so the count does
+        # not depend on how fast requests reach the writer: whatever queued during a commit must
+        # then ride the next one, all of it (64 is under the app's 256 per commit).
+        sizes.append(len(ops))
+        deadline = time.monotonic() + 10
+        while len(sizes) == 1 and len(ops) + writer._queue.qsize() < n_events:
+            assert time.monotonic() < deadline, "the writes never all reached the writer's queue"
+            time.sleep(0.005)
+        return write_batch(ops)
+
+    monkeypatch.setattr(store, "write_batch", first_commit_waits)
     body = {"type": "thumbs", "response_id": rid, "rating": "up"}
     replies = await asyncio.gather(
         *[client.post("/v1/feedback", json=body) for _ in range(n_events)]
     )
     assert all(r.status_code == 201 for r in replies)
     assert len(snapshot(store)) == n_events
-    assert writer.batches - before < n_events
+    # The writes that came first, then all the rest in one commit (one commit if all came first).
+    assert sum(sizes) == n_events and len(sizes) <= 2, sizes
+    assert writer.batches - before == len(sizes)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -117,6 +119,17 @@ async def test_admin_routes_need_admin(client):
     assert r.status_code == 404 and r.json()["error"]["param"] == "version_id"
 
 
+async def wait_until(
+    condition: Callable[[], bool], what: str, poll_s: float = 0.0, timeout_s: float = 10.0
+) -> None:
+    """Yield to the event loop until `condition()` holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout_s} s for {what}")
+        await asyncio.sleep(poll_s)
+
+
 async def test_no_response_mixes_versions_during_a_swap(client, registry, engine, tmp_path):
     publish(registry, tmp_path, "v1")
 
@@ -127,12 +140,11 @@ async def test_no_response_mixes_versions_during_a_swap(client, registry, engine
 
     follower = client._transport.app.state.follower
     before = [asyncio.create_task(ask()) for _ in range(20)]
-    while engine.in_flight == 0:
-        await asyncio.sleep(0)
+    await wait_until(lambda: engine.in_flight > 0, "a request to reach the engine")
     registry.promote("v1", "ops")
     swap = asyncio.create_task(follower.sync())
-    while not engine.swapping:  # the follower reads the promotion first (a thread, a query)
-        await asyncio.sleep(0.001)
+    # The follower reads the promotion first (a thread, a query).
+    await wait_until(lambda: engine.swapping, "the engine to start the swap", poll_s=0.001)
     during = [asyncio.create_task(ask()) for _ in range(20)]
     assert await swap == "v1"
     replies = await asyncio.gather(*before, *during)

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from bench.training import byte_tokenizer
+from service.registry import Registry
+from service.store import Store
 from training.config import TrainConfig
 
 QUESTIONS = [
@@ -91,16 +93,29 @@ def parent_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
-def pair_rows() -> list[dict]:
-    """Four TRL conversational pairs: chosen = direct steps, rejected = a retention pitch."""
+def tiny_registry(store: Store, tmp_path: Path, tiny_model_dir: Path) -> Registry:
+    """A registry whose base version is the tiny Llama, for the gate's checks that load it."""
+    registry = Registry(store, tmp_path)
+    registry.ensure_base(tiny_model_dir)
+    return registry
+
+
+def preference_pairs(questions: list[str], chosen: str, rejected: str) -> list[dict]:
+    """TRL conversational pairs: each question with the same chosen and rejected answer."""
     return [
         {
             "prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": DIRECT}],
-            "rejected": [{"role": "assistant", "content": PITCH}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
         }
-        for q in QUESTIONS
+        for q in questions
     ]
+
+
+@pytest.fixture
+def pair_rows() -> list[dict]:
+    """Four TRL conversational pairs: chosen = direct steps, rejected = a retention pitch."""
+    return preference_pairs(QUESTIONS, DIRECT, PITCH)
 
 
 @pytest.fixture
@@ -121,9 +136,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config() -> Callable[..., TrainConfig]:
-    """TrainConfig for the tiny model: short sequences, float32, one epoch; override any field."""
+    """TrainConfig for the tiny model: short sequences, float32, one epoch; override any field.
+    Each call builds a new config, so the factory is shared by the whole session."""
 
     def make(**overrides: Any) -> TrainConfig:
         values: dict[str, Any] = {

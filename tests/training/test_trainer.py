@@ -5,6 +5,7 @@ through Ray Train's `TorchTrainer` and a SQLite store."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,17 @@ DPO_KEYS = {
     "epoch",
     "step",
 }
-KTO_KEYS = {"loss", "kl", "rewards/margins", "learning_rate", "epoch", "step"}
+# "kl" is KTO's alone (DPO logs none); rewards of both labels mean both reached the loss.
+KTO_KEYS = {
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "learning_rate",
+    "epoch",
+    "step",
+}
 
 
 @pytest.fixture
@@ -185,10 +196,35 @@ def test_kto_on_unpaired_rows(
     )
     summary = train_loop(job.to_dict())
 
+    from trl import KTOTrainer
+
     assert_all_changed(trained)
+    assert isinstance(trained["trainer"], KTOTrainer)
     assert summary["bf16"] is True and summary["algorithm"] == "kto"
-    assert len(summary["step_metrics"]) == 2
-    assert summary["step_metrics"][-1].keys() >= KTO_KEYS
+    first, last = summary["step_metrics"]
+    # With the seeded shuffle each batch of 2 holds one desirable and one undesirable row: only
+    # then does a step log the rewards of both labels.
+    assert first.keys() >= KTO_KEYS and last.keys() >= KTO_KEYS
+    # Before the first update the policy is its reference: rewards and KL are 0, and KTO's loss is
+    # 1 - sigmoid(0) = 0.5 for either label (DPO's would be -log sigmoid(0) = ln 2).
+    assert (first["rewards/chosen"], first["rewards/rejected"], first["kl"]) == (0.0, 0.0, 0.0)
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)
+    # After it, the loss is KTO's (eq. 7 of the paper) over the step's two rows, with the rewards
+    # r = beta * log(pi / pi_ref) and the batch's KL estimate z it logged:
+    #   ((1 - sigmoid(r_chosen - beta * z)) + (1 - sigmoid(beta * z - r_rejected))) / 2
+    beta, z = job.config.beta, last["kl"]
+    # z is KTO's reference point, estimated on mismatched prompt/completion pairs: the update moves
+    # it off 0 (TRL's other unpaired loss, APO-zero, computes none and logs 0).
+    assert z > 0
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    chosen_loss = 1 - sigmoid(last["rewards/chosen"] - beta * z)
+    rejected_loss = 1 - sigmoid(beta * z - last["rewards/rejected"])
+    assert last["loss"] == pytest.approx((chosen_loss + rejected_loss) / 2, rel=1e-3)
+    # The update moved the desirable answer up and the undesirable one down.
+    assert last["rewards/chosen"] > 0 > last["rewards/rejected"]
     assert (job.output_dir / "adapter_model.safetensors").is_file()
 
 

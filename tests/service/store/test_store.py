@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 from service.store import Generation, GenerationChoice, GroupCommitWriter, Store
 
@@ -52,7 +53,8 @@ def test_migrations_create_tables_and_are_idempotent(store):
 def test_a_failing_write_rolls_back_alone(store):
     results = store.write_batch([add("g1"), add("g1"), add("g2")])
     assert results[0] == "g1" and results[2] == "g2"
-    assert isinstance(results[1], Exception)
+    # The second "g1" breaks the primary key; its error is returned in its place.
+    assert isinstance(results[1], IntegrityError), repr(results[1])
     assert store.count(Generation) == 2
     assert store.get_generation("g1").choices[0].text == "hello"
 
@@ -125,7 +127,7 @@ async def test_group_commit_batches_concurrent_writes(store):
     assert ids == [f"g{i}" for i in range(40)]
     assert store.count(Generation) == 40
     assert 3 <= writer.batches < 40  # at most 16 per commit, and far fewer commits than writes
-    with pytest.raises(Exception, match=r"UNIQUE|unique|duplicate"):
+    with pytest.raises(IntegrityError, match=r"UNIQUE|unique|duplicate"):
         await writer.submit(add("g0"))
     await writer.close()
 
