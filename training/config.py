@@ -53,8 +53,11 @@ class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
-    # InstructGPT, Llama 2 and N+ trained reward models one epoch: more overfits.
-    epochs: float = Field(default=1.0, gt=0, le=20)
+    # InstructGPT, Llama 2 and N+ trained one epoch on 10^4-10^5 pairs. On the demo's 64 pairs one
+    # epoch (16 steps) left the head barely trained: held-out accuracy 0.81 / 0.67 / 0.67 over
+    # train.seed 0 / 1 / 2 on one snapshot, two epochs 0.71 on seed 1, three 0.86 / 0.76 / 0.86
+    # (21 pairs; "the longer answer wins" 0.29).
+    epochs: float = Field(default=3.0, gt=0, le=20)
     center_rewards_coefficient: float | None = Field(
         default=0.01, ge=0, description="TRL's centring term (Eisenstein et al.); None: off"
     )
