@@ -96,6 +96,8 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # A replica that starts while a version is promoted takes no request before it serves it.
+        await follower.sync()
         follower.start()
         yield
         await follower.stop()

@@ -54,9 +54,23 @@ class PolicyReplica:
 
 
 def application(settings: Settings) -> serve.Application:
+    scaling = settings.autoscaling
+    replicas: dict = (
+        {
+            "autoscaling_config": {
+                "min_replicas": scaling.min_replicas,
+                "max_replicas": scaling.max_replicas,
+                "target_ongoing_requests": scaling.target_ongoing_requests,
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s,
+            }
+        }
+        if scaling.enabled
+        else {"num_replicas": settings.replicas}
+    )
     deployment = serve.deployment(
         name="policy",
-        num_replicas=settings.replicas,
+        **replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=max(10.0, settings.health_check_period_s * 2),
@@ -114,12 +128,14 @@ def deploy(settings: Settings, log_to_driver: bool = True) -> None:
     serve.start(http_options={"host": settings.bind_host, "port": settings.port})
     serve.run(application(settings), name=APP_NAME, route_prefix="/", blocking=False)
     logger.info(
-        "serving %s (version %s) on http://%s:%d with %d replica(s)",
+        "serving %s (version %s) on http://%s:%d with %s",
         settings.served_model_name,
         version,
         settings.bind_host,
         settings.port,
-        settings.replicas,
+        f"{settings.autoscaling.min_replicas}-{settings.autoscaling.max_replicas} replicas"
+        if settings.autoscaling.enabled
+        else f"{settings.replicas} replica(s)",
     )
 
 

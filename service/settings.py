@@ -65,6 +65,30 @@ class ApiKey(BaseModel):
         return self
 
 
+class AutoscalingSettings(BaseModel):
+    """Ray Serve's replica autoscaling. Off: `replicas` is a fixed count."""
+
+    enabled: bool = False
+    min_replicas: int = Field(
+        default=1, ge=1, description="never fewer (a replica starts its engine in ~40 s)"
+    )
+    max_replicas: int = Field(default=4, ge=1)
+    # Serve adds replicas when the mean ongoing requests per replica stays above this. The engine
+    # batches, so a replica serves several at once without queueing (engine.max_num_seqs).
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling.min_replicas ({self.min_replicas}) is above "
+                f"autoscaling.max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
 class EngineSettings(BaseModel):
     """vLLM engine settings for each policy replica."""
 
@@ -133,6 +157,7 @@ class Settings(BaseSettings):
     # How often a replica looks for a new promotion; promote -> serving is this plus the reload.
     swap_poll_s: float = Field(default=0.25, gt=0, le=10)
     health_check_period_s: float = Field(default=5.0, gt=0)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod

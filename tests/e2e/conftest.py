@@ -89,3 +89,19 @@ def running_service(
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with running_service(tmp_path_factory) as svc:
         yield svc
+
+
+def chats_per_replica() -> dict[str, float]:
+    """Chat requests answered per replica (Ray worker), from Ray's metrics export of this node."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return {
+        sample.labels["WorkerId"]: sample.value
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
+        for sample in family.samples
+        if sample.name == "ray_prefloop_requests_total"
+        and sample.labels.get("route") == "/v1/chat/completions"
+    }

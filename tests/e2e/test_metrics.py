@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ADMIN_KEY, CHAT_KEY, auth
-from tests.e2e.conftest import Service, running_service
+from tests.e2e.conftest import Service, chats_per_replica, running_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
 
@@ -72,8 +72,6 @@ def chat(svc: Service, i: int) -> str:
 
 
 def test_metrics_report_the_totals_of_every_replica(two_replicas: Service) -> None:
-    import ray
-
     svc = two_replicas
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda i: chat(svc, i), range(CHATS)))
@@ -107,14 +105,6 @@ def test_metrics_report_the_totals_of_every_replica(two_replicas: Service) -> No
     ]
     assert chat_samples == [{"route": CHAT_ROUTE, "status": "200"}], chat_samples
 
-    node = next(n for n in ray.nodes() if n["Alive"])
-    raw = httpx.get(
-        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10
-    ).text
-    per_worker = {
-        labels["WorkerId"]: value
-        for labels, value in samples(raw, "ray_prefloop_requests_total")
-        if labels.get("route") == CHAT_ROUTE
-    }
-    assert len(per_worker) == 2, f"chats answered by {len(per_worker)} replica(s): {per_worker}"
-    assert sum(per_worker.values()) == CHATS
+    per_replica = chats_per_replica()
+    assert len(per_replica) == 2, f"chats answered by {len(per_replica)} replica(s): {per_replica}"
+    assert sum(per_replica.values()) == CHATS
