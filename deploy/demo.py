@@ -139,11 +139,12 @@ async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
             )
         # The steady client starts once training is done, so it does not take the training's CPU;
         # it still covers the gate (its canary loads a second engine) and the swap.
-        await asyncio.to_thread(_wait_for_cycle, ctx, "train")
+        shown: set[str] = set()
+        await asyncio.to_thread(_wait_for_cycle, ctx, shown, "train")
         steady = SteadyClient(base_url, headers)
         steady_thread = threading.Thread(target=steady.run, daemon=True)
         steady_thread.start()
-        run = await asyncio.to_thread(_wait_for_cycle, ctx)
+        run = await asyncio.to_thread(_wait_for_cycle, ctx, shown)
         if run is not None and run.status == "promoted":
             await asyncio.to_thread(steady.wait_for, run.candidate_version_id, SWAP_WAIT_S)
         steady.stop()
@@ -161,8 +162,9 @@ async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
     return report
 
 
-def _wait_for_cycle(ctx: Any, stage: str | None = None):
-    """The first cycle once it finished (or, with `stage`, once that stage is done)."""
+def _wait_for_cycle(ctx: Any, shown: set[str], stage: str | None = None):
+    """The first cycle once it finished (or, with `stage`, once that stage is done); prints each
+    stage as it ends (those in `shown` were printed already)."""
     from service.runs import recent_runs
 
     deadline = time.time() + CYCLE_TIMEOUT_S
@@ -170,6 +172,10 @@ def _wait_for_cycle(ctx: Any, stage: str | None = None):
         for run in recent_runs(ctx.store):
             if run.status == "skipped":
                 continue
+            for name, seconds in run.stages.items():
+                if name not in shown:
+                    shown.add(name)
+                    print(f"cycle {run.id}: {name} done ({seconds:.0f} s)", flush=True)
             if run.finished_at is not None or (stage is not None and stage in run.stages):
                 return run
         time.sleep(1)
