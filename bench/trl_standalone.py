@@ -3,15 +3,17 @@
 
 One run per process, so the peak RSS (and on a GPU the peak allocated GPU memory) it reports is
 its own. The spec pins only what the comparison must hold equal (data, model, batch size,
-learning rate, max_length, epochs, seed, dtype on CPU, torch threads); everything else is TRL's
-default: the model is given as a path, so TRL loads it (float32) and builds the reference model
-the same way, gradient checkpointing is on, reference log-probs are computed at every step.
+learning rate, max_length, epochs, seed, dtype on CPU, torch threads, and gradient checkpointing
+where the spec names it); everything else is TRL's default: the model is given as a path, so TRL
+loads it (float32) and builds the reference model the same way, and reference log-probs are
+computed at every step.
 
     python -m bench.trl_standalone SPEC.json RESULT.json
 
 SPEC.json: {"model": dir, "train_file": jsonl, "output_dir": dir, "device": "cpu" | "cuda",
 "batch_size", "learning_rate", "epochs", "max_length", "seed", "threads",
-"bf16": bool | null (null: TRL's default), "lora_rank": int | null}. RESULT.json receives the
+"bf16": bool | null (null: TRL's default), "gradient_checkpointing": bool | null (null or absent:
+TRL's default, on), "lora_rank": int | null}. RESULT.json receives the
 trainer's metrics, the phases' seconds, peak RSS and, on a GPU, the card and its peak memory.
 """
 
@@ -60,6 +62,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if spec.get("bf16") is not None:
         pinned["bf16"] = spec["bf16"]
+    if spec.get("gradient_checkpointing") is not None:
+        pinned["gradient_checkpointing"] = spec["gradient_checkpointing"]
     peft_config = None
     if spec.get("lora_rank"):
         from peft import LoraConfig
@@ -87,6 +91,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "rows": len(rows),
         "bf16": bool(trainer.args.bf16),
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+        "lora": peft_config is not None,
         "reference_model": type(trainer.ref_model).__name__ if trainer.ref_model else None,
         "torch_threads": torch.get_num_threads(),
         "phases_s": {

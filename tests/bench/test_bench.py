@@ -1,15 +1,13 @@
-"""The benchmarks' own arithmetic: percentiles, target verdicts, the swap's reading of what users
-saw, the profile summary and the report."""
+"""The benchmarks' own arithmetic: percentiles, target verdicts (single values and spreads of
+rounds), the profile summary and the report."""
 
 import json
 
 import pytest
 
 from bench import common, report
-from bench.common import Result, Target, percentile
-from bench.load import ChatLoad, Sample
+from bench.common import Result, Target, percentile, settle
 from bench.profile import summarize_collapsed
-from bench.swap import swap_figures
 
 
 def test_percentile_interpolates_between_ranks():
@@ -38,43 +36,73 @@ def test_target_verdict_and_shortfall(value, goal, direction, met, shortfall):
     assert target.shortfall == shortfall
 
 
-def test_result_file_carries_targets_and_machine(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("rounds", "direction", "verdict", "mean"),
+    [
+        # Every round clears 0.9: met.
+        ([0.93, 0.91, 0.95, 0.92], ">=", "met", 0.9275),
+        # The mean (0.9175) clears it, the spread 0.88-0.95 does not: not settled.
+        ([0.93, 0.88, 0.95, 0.91], ">=", "not settled (spread straddles the goal)", 0.9175),
+        # No round clears it: missed, by the mean's gap.
+        ([0.85, 0.88, 0.86, 0.81], ">=", "missed", 0.85),
+        # A round exactly at the goal clears it.
+        ([0.9, 0.95], ">=", "met", 0.925),
+        # Lower is better: met only when the highest round is at or under the goal.
+        ([1.2, 1.9, 0.8], "<=", "met", 1.3),
+        ([1.2, 2.1, 0.8], "<=", "not settled (spread straddles the goal)", 1.3667),
+        ([2.2, 2.1], "<=", "missed", 2.15),
+        # Rounds without a figure do not count; none at all is no measurement.
+        ([None, 0.95, float("nan"), 0.92], ">=", "met", 0.935),
+        ([None], ">=", "not measured", None),
+    ],
+)
+def test_a_verdict_over_rounds_rests_on_the_whole_spread(rounds, direction, verdict, mean):
+    goal = 0.9 if direction == ">=" else 2.0
+    result = Result("t", "T", command="-")
+    target = result.target("ratio", None, goal, direction, rounds=rounds)
+    assert target.verdict == verdict
+    assert target.value == (None if mean is None else pytest.approx(mean, abs=1e-3))
+    assert target.met is {"met": True, "missed": False}.get(verdict)
+    if verdict == "missed":
+        assert target.shortfall.startswith("missed by")
+    else:
+        assert target.shortfall == ""
+
+
+def test_settle_is_met_missed_or_open():
+    assert settle(0.91, 0.95, 0.9, ">=") is True
+    assert settle(0.85, 0.89, 0.9, ">=") is False
+    assert settle(0.85, 0.95, 0.9, ">=") is None
+    assert settle(1.0, 2.0, 2.0, "<=") is True
+    assert settle(1.0, 2.01, 2.0, "<=") is None
+
+
+def test_a_caveat_keeps_the_verdict_open_whatever_the_value():
+    target = Target("p95 latency", 1.1, 1.5, "<=", caveat="p95 of 40 requests")
+    assert (target.met, target.verdict) == (None, "not settled (p95 of 40 requests)")
+    assert target.shortfall == ""
+    assert Target("p99 latency", 1.1, 1.5, "<=").verdict == "met"
+
+
+def test_result_file_carries_targets_machine_and_code(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(
+        common, "code_state", lambda: {"commit": "abc123", "dirty": True, "changed": {}}
+    )
     result = Result("demo", "Demo", command="python -m bench.demo")
     result.table("t", ["a", "b"], [[1, 2.5]])
     result.target("ratio", 0.5, 0.95)
+    result.target("rounds", None, 0.9, rounds=[0.88, 0.93])
     body = json.loads(result.write().read_text())
     assert body["tables"][0]["rows"] == [[1, 2.5]]
-    assert body["targets"][0]["met"] is False
-    assert body["targets"][0]["shortfall"].startswith("missed by 0.45x")
+    single, rounds = body["targets"]
+    assert single["met"] is False and single["verdict"] == "missed"
+    assert single["shortfall"].startswith("missed by 0.45x")
+    assert rounds["rounds"] == [0.88, 0.93] and rounds["spread"] == [0.88, 0.93]
+    assert rounds["value"] == 0.905 and rounds["met"] is None
+    assert rounds["verdict"] == "not settled (spread straddles the goal)"
     assert body["machine"]["cpus"] >= 1
-
-
-def _sample(start, first, end, version, status=200):
-    return Sample(start=start, first=first, end=end, status=status, version=version)
-
-
-def test_swap_figures_wait_for_every_poll_to_name_the_new_version():
-    load = ChatLoad("http://127.0.0.1:1")
-    load.samples = [
-        _sample(98.0, 98.1, 98.5, "old"),  # steady state: not in the swap's window
-        _sample(99.8, 99.9, 100.4, "old"),  # running across the promotion at t=100
-        _sample(100.3, 101.1, 101.5, "new"),  # held at the closed gate
-        _sample(102.0, 102.1, 102.5, "new"),  # after the swap
-        _sample(102.6, None, 102.7, "", status=-1),  # a failure after the swap counts too
-    ]
-    polls = [(99.9, "old"), (100.5, "new"), (100.8, "old"), (101.2, "new"), (101.5, "new")]
-    figures = swap_figures(load, polls, 100.0, "new")
-    # 100.5 answered "new" but a replica still answered "old" at 100.8.
-    assert figures["swap_s"] == pytest.approx(1.2)
-    assert figures["failed"] == 1
-    assert figures["requests_during"] == 2
-
-
-def test_swap_figures_without_a_new_version_answer():
-    load = ChatLoad("http://127.0.0.1:1")
-    load.samples = [_sample(100.5, 100.6, 101.0, "old")]
-    assert swap_figures(load, [(100.6, "old")], 100.0, "new")["swap_s"] is None
+    assert body["code"] == {"commit": "abc123", "dirty": True, "changed": {}}
 
 
 def test_profile_summary_ranks_own_and_total_time():
@@ -263,3 +291,49 @@ def test_ppo_report_puts_the_rollout_saving_in_a_whole_iteration(tmp_path, monke
     assert result.tables[2]["rows"] == [[0.4, 40.0, 80.0, 10.0, 30.0, "25%"]]
     # HF 10 s, vLLM 6 s: 4 s less of a 40 s iteration.
     assert any("(40.0 s) by -4.0 s (-10%)" in note for note in result.notes)
+
+
+def test_report_shows_the_spread_and_the_open_verdict(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    result = Result("ingest", "Feedback ingest", command="python -m bench.ingest")
+    result.target("sqlite vs bare, 32 connections", None, 0.9, rounds=[0.93, 0.88, 0.95, 0.91])
+    result.target("sqlite vs bare, 8 connections", None, 0.9, rounds=[0.8, 0.85, 0.82, 0.81])
+    result.target("batch", None, 5000, unit="events/s", rounds=[5200, 5100, 5400, 5300])
+    result.write()
+    text = report.render(report.load_results(("ingest",)))
+    assert (
+        "| sqlite vs bare, 32 connections | 0.917x (0.88x to 0.95x, 4 rounds) | >= 0.9x | "
+        "not settled (spread straddles the goal) |" in text
+    )
+    # The unit once, after the mean.
+    assert "| 5,250 events/s (5,100 to 5,400, 4 rounds) | >= 5,000 events/s | met |" in text
+    # A missed spread names the mean's shortfall.
+    assert (
+        "| 0.82x (0.8x to 0.85x, 4 rounds) | >= 0.9x | missed by 0.08x (9% of the goal) |" in text
+    )
+
+
+def test_report_reads_results_written_before_verdicts_were_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    old = {
+        "name": "swap",
+        "title": "Hot swap",
+        "command": "python -m bench.swap",
+        "started": "2026-11-27T02:57:15+00:00",
+        "duration_s": 109.0,
+        "tables": [],
+        "notes": [],
+        "machine": {"cpu": "AMD EPYC", "gpu": None},
+        "targets": [
+            {"name": "swap s", "value": 0.93, "goal": 2.0, "direction": "<=", "unit": "s",
+             "met": True, "shortfall": ""},
+            {"name": "p99 ratio", "value": 1.7, "goal": 1.5, "direction": "<=", "unit": "x",
+             "met": False, "shortfall": "missed by 0.2x (13% of the goal)"},
+        ],
+    }  # fmt: skip
+    (tmp_path / "swap.json").write_text(json.dumps(old))
+    text = report.render(report.load_results(("swap",)))
+    assert "| Hot swap | swap s | 0.93 s | <= 2 s | met | unknown |" in text
+    assert "| p99 ratio | 1.7x | <= 1.5x | missed by 0.2x (13% of the goal) | unknown |" in text
+    assert "Code: commit unknown" in text.split("## Hot swap")[1]

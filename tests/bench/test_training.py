@@ -20,7 +20,8 @@ BASELINE = {
     "other_load_cores": 0.0,
     "step_s": [4.0, 6.0, 5.0],
     "phases_s": {"import": 5.0, "load_and_prepare": 10.0, "save": 2.0},
-    "gradient_checkpointing": True,
+    "gradient_checkpointing": False,
+    "lora": False,
     "bf16": False,
     "reference_model": "loaded",
     "torch_threads": 2,
@@ -32,6 +33,7 @@ OURS = {
     "lora": True,
     "bf16": False,
     "torch_threads": 2,
+    "gradient_checkpointing": False,
     "global_step": 5,
     "final": {"loss": 0.6},
 }
@@ -57,11 +59,12 @@ TUNED = {
 WALL_S = {"bench-cpu-0": 100.0, "bench-cpu-1": 125.0, "bench-cpu-2": 80.0}
 
 
-@pytest.fixture
-def cpu_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+def cpu_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, baseline: dict[str, Any] = BASELINE
+) -> Result:
     model = tmp_path / "model"
     model.mkdir()
-    measured = {"bench-cpu-0": BASELINE, "bench-cpu-1": EQUAL, "bench-cpu-2": TUNED}
+    measured = {"bench-cpu-0": baseline, "bench-cpu-1": EQUAL, "bench-cpu-2": TUNED}
 
     def run_child(module: str, spec: dict[str, Any], folder: Path, **_: Any):
         return dict(measured[spec["run_id"]]), WALL_S[spec["run_id"]]
@@ -74,29 +77,68 @@ def cpu_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
     return result
 
 
+@pytest.fixture
+def cpu_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+    return cpu_comparison(tmp_path, monkeypatch)
+
+
 def test_cpu_targets_are_ratios_to_trl_standalone(cpu_result: Result) -> None:
     verdicts = {t.name: (t.value, t.goal, t.met, t.shortfall) for t in cpu_result.targets}
-    vs = "vs TRL standalone"
+    equal = "equal settings vs TRL standalone"
+    tuned = (
+        "tuned defaults (LoRA, float32, precomputed reference log-probs) vs TRL standalone full "
+        "fine-tuning (different settings)"
+    )
     assert verdicts == {
         # 0.55 / 0.5 pairs/s
-        f"trainer samples/s, Ray Train job with equal settings {vs}": (1.1, 1.0, True, ""),
+        f"trainer samples/s, Ray Train job with {equal}": (1.1, 1.0, True, ""),
         # 20 pairs in 125 s against 100 s: 100 / 125
-        f"job pairs/s incl. start-up, Ray Train job with equal settings {vs}": (
+        f"job pairs/s incl. start-up, Ray Train job with {equal}": (
             0.8,
             1.0,
             False,
             "missed by 0.2x (20% of the goal)",
         ),
         # 0.8 / 0.5 pairs/s
-        f"trainer samples/s, Ray Train job with tuned defaults {vs}": (1.6, 1.5, True, ""),
+        f"trainer samples/s, Ray Train job with {tuned}": (1.6, 1.5, True, ""),
         # 100 / 80 s
-        f"job pairs/s incl. start-up, Ray Train job with tuned defaults {vs}": (
+        f"job pairs/s incl. start-up, Ray Train job with {tuned}": (
             1.25,
             1.5,
             False,
             "missed by 0.25x (17% of the goal)",
         ),
     }
+
+
+def test_equal_settings_are_checked_against_what_each_run_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TRL at its default, gradient checkpointing on, against our job without it: not equal.
+    result = cpu_comparison(tmp_path, monkeypatch, {**BASELINE, "gradient_checkpointing": True})
+    verdicts = {t.name: t.verdict for t in result.targets if "equal settings" in t.name}
+    assert set(verdicts.values()) == {
+        "not settled (the settings differ: gradient_checkpointing: True vs False)"
+    }
+    assert training.unequal_settings(BASELINE, EQUAL) == []
+    assert training.unequal_settings({"bf16": False}, {"bf16": False}) == [
+        "gradient_checkpointing: unreported vs unreported",
+        "lora: unreported vs unreported",
+        "torch_threads: unreported vs unreported",
+    ]
+
+
+def test_cpu_baseline_turns_gradient_checkpointing_off_as_our_cpu_job_runs(
+    tmp_path: Path,
+) -> None:
+    runs = training.cpu_runs(tmp_path / "model", tmp_path / "pairs.jsonl")
+    (_, _, baseline), (_, _, equal), (_, _, tuned) = runs
+    assert baseline["gradient_checkpointing"] is False
+    # Our job's gradient checkpointing follows use_gpu: off for both CPU runs.
+    assert equal["config"]["use_gpu"] is False and tuned["config"]["use_gpu"] is False
+    assert (equal["config"]["lora"], equal["config"]["bf16"]) == (False, False)
+    assert equal["config"]["precompute_ref_log_probs"] is False
+    assert baseline["bf16"] is False and "lora_rank" not in baseline
 
 
 def test_cpu_table_puts_each_run_beside_the_baseline(cpu_result: Result) -> None:
