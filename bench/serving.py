@@ -198,7 +198,7 @@ def engine_args(settings: Any, model: Path) -> dict[str, Any]:
         return mock.MagicMock()
 
     with mock.patch.object(AsyncLLM, "from_engine_args", side_effect=record):
-        VllmEngine(settings, model, "bench")
+        VllmEngine(settings, model, "bench", model)
     args, defaults = captured[0], AsyncEngineArgs(model=str(model))
     changed = {
         f.name: getattr(args, f.name)

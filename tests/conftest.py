@@ -85,7 +85,10 @@ def engine() -> FakeEngine:
 def registry(store: Store, tmp_path) -> Registry:
     base = tmp_path / "models" / "base-model"
     base.mkdir(parents=True)
-    (base / "config.json").write_text("{}")
+    # The files a cycle checks for before it starts (`training.cycle.check_model_files`).
+    for name in ("config.json", "tokenizer_config.json"):
+        (base / name).write_text("{}")
+    (base / "model.safetensors").write_bytes(b"")
     reg = Registry(store, tmp_path)
     reg.ensure_base(base)
     return reg

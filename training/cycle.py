@@ -6,7 +6,9 @@ pairs (reused until `train.reward.retrain_after` new pairs arrived) -> PPO again
 is its own Ray Train job; SFT results and reward models are registry versions of their own (an SFT
 version is a policy PPO or DPO starts from; a reward model is kind `reward`, never served).
 Every stage's time, the run's step metrics and any error are stored with the `TrainingRun`; a
-failed or rejected cycle leaves serving untouched.
+failed or rejected cycle leaves serving untouched. Every model file a cycle reads (weights,
+adapters, the tokenizer) is found through the registry and checked before the snapshot
+(`check_model_files`), so missing files fail the run before it takes any feedback.
 
     run = queue_run(store, "manual", "cli")       # or the scheduler's, or POST /v1/admin/train
     run_cycle(CycleContext(...), run.id)
@@ -29,9 +31,10 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
-from service.registry import Registry, new_version_id
+from service.registry import BASE_VERSION, REWARD_KIND, Registry, new_version_id
 from service.runs import get_run, update_run
 from service.scoring import normalisation
+from service.settings import EMBEDDED_MODEL_DIR
 from service.store import ModelVersion, PreferenceSnapshot, Store, TrainingRun
 from training import preference_sets
 from training.canary import run_canary
@@ -44,15 +47,72 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CycleContext:
+    """What a cycle works with. Every model file it reads is found through the registry: the
+    settings' model path only registers version `base` the first time (`Registry.ensure_base`)."""
+
     registry: Registry
     settings: TrainingSettings
     database_url: str
-    tokenizer_path: Path  # the served model's tokenizer: versions share it
     canary: Canary = run_canary
 
     @property
     def store(self) -> Store:
         return self.registry.store
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The base version's tokenizer, which every version shares."""
+        return self.registry.tokenizer_path()
+
+
+class MissingModelFiles(FileNotFoundError):
+    """Model files a cycle would read are missing; the message names each and what to do."""
+
+
+def check_model_files(registry: Registry, served: ModelVersion | None = None) -> None:
+    """Check, before anything is snapshotted or trained, every model file a cycle on `served`
+    (default: the served version) reads: its weights and adapter, the weights its adapter applies
+    to, the base version's (tokenizer), and the newest reward model's, which the gate scores with.
+    Raises `MissingModelFiles`."""
+    from service.errors import NotFound
+
+    served = served or registry.served().version
+    needed = {
+        v.id: v for v in (served, registry.get(served.weights_id), registry.get(BASE_VERSION))
+    }
+    try:
+        reward = registry.latest_reward()
+        needed[reward.id] = reward
+    except NotFound:
+        pass
+    problems = []
+    for version in needed.values():
+        missing = registry.missing_files(version)
+        if missing:
+            problems.append(
+                f"version {version.id!r}: {', '.join(missing)} missing; {_restore_hint(version)}"
+            )
+    if problems:
+        raise MissingModelFiles(
+            "model files this cycle needs are missing (nothing was snapshotted or trained):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def _restore_hint(version: ModelVersion) -> str:
+    """What to do about a version whose files are gone."""
+    if version.kind == BASE_VERSION:
+        source = version.manifest.get("source", version.path)
+        hint = (
+            f"version 'base' was registered from {source}: put that model back there (the registry "
+            "keeps the path it was first served from, whatever PREFLOOP_MODEL_PATH says now)"
+        )
+        if Path(source).name == EMBEDDED_MODEL_DIR:
+            hint += "; for the embedded model run `prefloop bootstrap`"
+        return hint
+    return f"restore versions/{version.id} in the data directory" + (
+        "" if version.kind == REWARD_KIND else ", or serve another version (`prefloop promote`)"
+    )
 
 
 @contextmanager
@@ -111,6 +171,8 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
     update_run(store, run_id, status="running", started_at=datetime.now(UTC))
     work = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=_scratch(cfg.data_dir)))
     try:
+        parent = registry.served().version
+        check_model_files(registry, parent)
         with _stage(stages, "snapshot"):
             pset = preference_sets.build(store, cfg.snapshot)
             algorithm = choose_algorithm(cfg.train.algorithm, pset)
@@ -125,7 +187,6 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 )
                 return get_run(store, run_id)
             snap = preference_sets.write_snapshot(store, cfg.data_dir, pset)
-        parent = registry.served().version
         update_run(
             store,
             run_id,
@@ -154,7 +215,6 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 cfg=cfg.gate,
                 beta=cfg.train.beta,
                 max_length=cfg.train.max_length,
-                tokenizer_path=ctx.tokenizer_path,
                 canary=ctx.canary,
                 reward_check=_reward_check(ctx, pset, result.reward_model, algorithm, candidate),
             )
@@ -178,6 +238,15 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
             stages=stages,
             finished_at=datetime.now(UTC),
             error="; ".join(gate.reasons) or None,
+        )
+    except MissingModelFiles as exc:
+        logger.error("training run %s: %s", run_id, exc)
+        update_run(
+            store,
+            run_id,
+            status="failed",
+            finished_at=datetime.now(UTC),
+            error=f"{type(exc).__name__}: {exc}",  # the files and the fix; a traceback adds nothing
         )
     except Exception as exc:
         logger.exception("training run %s failed", run_id)

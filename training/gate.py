@@ -45,7 +45,6 @@ def run_gate(
     cfg: GateConfig,
     beta: float,
     max_length: int,
-    tokenizer_path: Path,
     canary: Canary,
     reward_check: RewardCheck | None = None,
 ) -> GateResult:
@@ -74,7 +73,7 @@ def run_gate(
         started = time.perf_counter()
         answer = pool.submit(
             _timed, seconds, "canary", canary,
-            registry.weights_path(candidate), tokenizer_path, cfg.canary_prompt,
+            registry.weights_path(candidate), registry.tokenizer_path(), cfg.canary_prompt,
         )  # fmt: skip
         if reward_check is None or not reward_check.decides:
             _heldout(

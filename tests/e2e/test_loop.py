@@ -124,7 +124,6 @@ def test_feedback_to_new_version_and_back(loop_service: Service):
             scheduler=SchedulerConfig(enabled=False),
         ),
         database_url=svc.settings.resolved_database_url,
-        tokenizer_path=svc.settings.resolved_model_path,
     )
     run = tick(ctx)
     assert run is not None and run.id == queued.json()["id"]

@@ -65,7 +65,6 @@ def test_sft_reward_model_ppo_over_http(loop_service: Service):  # noqa: F811
         registry=Registry(svc.store, svc.settings.data_dir),
         settings=rlhf_settings(svc),
         database_url=svc.settings.resolved_database_url,
-        tokenizer_path=svc.settings.resolved_model_path,
     )
     run = tick(ctx)
     assert run is not None and run.id == queued.json()["id"]

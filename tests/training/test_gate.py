@@ -72,7 +72,6 @@ def gate(registry, cand, parent, canary, pairs=(), cfg=None, max_length=64):
         cfg=cfg or GateConfig(),
         beta=0.1,
         max_length=max_length,
-        tokenizer_path=Path("unused"),
         canary=canary,
     )
 

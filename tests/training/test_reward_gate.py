@@ -81,7 +81,6 @@ def judge(registry, candidate, tiny_reward_dir, *, decides: bool, reference=None
         cfg=GateConfig(**gate_cfg),
         beta=0.1,
         max_length=64,
-        tokenizer_path=Path("unused"),
         canary=Canary(),
         reward_check=check,
     )

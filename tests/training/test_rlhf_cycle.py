@@ -112,7 +112,6 @@ async def test_sft_reward_model_ppo_then_promotion_and_reuse(
         registry=registry,
         settings=settings(tmp_path, tiny_model_dir),
         database_url=registry.store.url,
-        tokenizer_path=tiny_model_dir,
         canary=lambda weights, tokenizer, prompt: "Open Settings.",
     )
     await give_feedback(client, [f"How do I change setting number {i}?" for i in range(12)])

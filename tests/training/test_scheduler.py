@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +23,6 @@ def context(registry, tmp_path, **scheduler_cfg) -> CycleContext:
         registry=registry,
         settings=settings,
         database_url=registry.store.url,
-        tokenizer_path=Path("unused"),
     )
 
 
