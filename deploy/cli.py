@@ -73,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from service.errors import Conflict
     from service.runs import queue_run, recent_runs
     from service.store import TrainingRun
-    from training.scheduler import due_trigger
+    from training.scheduler import backoff, due_trigger
 
     settings = load_settings(**_overrides(args))
     ctx = cycle_context(settings)
@@ -85,7 +85,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if run is None:
             trigger = due_trigger(ctx)
             if trigger is None:
-                print("no training due")
+                waiting = backoff(ctx)
+                print(
+                    "no training due"
+                    + (
+                        f" (after {waiting['failed_in_a_row']} failed cycles, none starts "
+                        f"before {waiting['retry_after']})"
+                        if waiting["waiting"]
+                        else ""
+                    )
+                )
                 return 0
     try:
         if run is None:
@@ -146,11 +155,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from deploy.loop import cycle_context
     from service.admin import loop_status
     from training.preference_sets import build
+    from training.scheduler import backoff
 
     settings = load_settings(**_overrides(args))
     ctx = cycle_context(settings)
     status = loop_status(ctx.registry)
     status["feedback"]["usable_now"] = build(ctx.store, ctx.settings.snapshot).usable
+    status["scheduler"] = backoff(ctx)
     print(json.dumps(status, indent=2, default=str))
     return 0
 

@@ -27,8 +27,8 @@ class SnapshotConfig(BaseModel):
     )
     mode: Literal["incremental", "window"] = Field(
         default="incremental",
-        description="incremental: only feedback no earlier snapshot used; window: the last "
-        "`window_hours` of feedback",
+        description="incremental: only feedback no earlier snapshot used (a failed cycle's "
+        "snapshot gives its feedback back); window: the last `window_hours` of feedback",
     )
     window_hours: float = Field(default=168.0, gt=0, description="used when mode is window")
 
@@ -227,6 +227,27 @@ class SchedulerConfig(BaseModel):
     min_items_for_interval: int = Field(default=8, ge=1, description="...with at least this many")
     poll_s: float = Field(default=5.0, gt=0, description="how often the scheduler looks")
     auto_promote: bool = Field(default=True, description="promote a candidate that passes the gate")
+    # A failed cycle gives its feedback back, so the count trigger would start the next one at
+    # once: with a cause that persists (a full disk, a lost Ray node) cycles would run back to back.
+    retry_backoff_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="after a failed cycle no automatic one starts for this long, doubled for each "
+        "further failure in a row (queued runs are not held back)",
+    )
+    # One hour, the interval trigger's default: a persistent failure is retried hourly.
+    retry_backoff_max_s: float = Field(
+        default=3600.0, ge=0, description="the most the backoff grows to"
+    )
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> SchedulerConfig:
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise ValueError(
+                f"scheduler.retry_backoff_max_s ({self.retry_backoff_max_s}) is below "
+                f"scheduler.retry_backoff_s ({self.retry_backoff_s}); raise it"
+            )
+        return self
 
 
 class TrainingSettings(BaseSettings):

@@ -6,7 +6,9 @@ pairs (reused until `train.reward.retrain_after` new pairs arrived) -> PPO again
 is its own Ray Train job; SFT results and reward models are registry versions of their own (an SFT
 version is a policy PPO or DPO starts from; a reward model is kind `reward`, never served).
 Every stage's time, the run's step metrics and any error are stored with the `TrainingRun`; a
-failed or rejected cycle leaves serving untouched. Every model file a cycle reads (weights,
+failed or rejected cycle leaves serving untouched. A cycle that fails before the gate's verdict
+releases its snapshot, so its feedback is trained on by the next one; a rejected candidate's
+feedback stays used (README, The learning loop). Every model file a cycle reads (weights,
 adapters, the tokenizer) is found through the registry and checked before the snapshot
 (`check_model_files`), so missing files fail the run before it takes any feedback.
 
@@ -170,6 +172,8 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
     stages: dict[str, float] = {}
     update_run(store, run_id, status="running", started_at=datetime.now(UTC))
     work = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=_scratch(cfg.data_dir)))
+    snap: PreferenceSnapshot | None = None
+    judged = False  # the gate's verdict is recorded: the snapshot's feedback was used for good
     try:
         parent = registry.served().version
         check_model_files(registry, parent)
@@ -224,6 +228,7 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 reason="; ".join(gate.reasons) or None,
                 metrics=gate.metrics,
             )
+            judged = True
         status = "rejected"
         if gate.passed:
             status = "approved"
@@ -258,6 +263,9 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
             finished_at=datetime.now(UTC),
             error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
         )
+        if snap is not None and not judged:
+            # Nothing judged came of this feedback: the next cycle takes it again.
+            preference_sets.release_snapshot(store, snap.id)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return get_run(store, run_id)
@@ -455,7 +463,11 @@ def _reusable_reward_model(ctx: CycleContext, retrain_after: int) -> ModelVersio
         if own is None:
             return None
         later = session.scalars(
-            select(PreferenceSnapshot).where(PreferenceSnapshot.created_at > own.created_at)
+            select(PreferenceSnapshot).where(
+                PreferenceSnapshot.created_at > own.created_at,
+                # A released snapshot's pairs arrive again in the next one: count them once.
+                PreferenceSnapshot.released_at.is_(None),
+            )
         ).all()
     arrived = sum(int(s.counts.get("pairs_train", 0)) for s in later)
     return newest if arrived < retrain_after else None

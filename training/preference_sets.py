@@ -4,14 +4,16 @@ demonstrations out.
 `build(store, cfg)` reads the feedback a snapshot considers and applies the rules below (it writes
 nothing); `write_snapshot(store, data_dir, pset)` freezes the result as
 `data_dir/snapshots/<id>/{pairs,kto,sft}_{train,heldout}.jsonl` plus a `manifest.json` and records
-it as a `PreferenceSnapshot`. Rows are TRL's conversational formats (`service.export`, and
-`sft_row` for SFT's prompt-completion rows); which feedback and model versions produced each row is
-kept in the manifest's `provenance`, one list per file, aligned with its lines. The rules are pure
+it as a `PreferenceSnapshot`; `release_snapshot(store, id)` gives a failed cycle's feedback back.
+Rows are TRL's conversational formats (`service.export`, and `sft_row` for SFT's prompt-completion
+rows); which feedback and model versions produced each row is kept in the manifest's
+`provenance`, one list per file, aligned with its lines. The rules are pure
 functions over `Vote`s (one feedback row with its texts), so they are tested without a database.
 
 Which feedback: mode `incremental` takes feedback whose id is in no earlier snapshot's
-`feedback_ids` (so answers rated in different snapshots are never paired with each other); mode
-`window` takes feedback created in the last `window_hours`. Both stop at `now`.
+`feedback_ids` (so answers rated in different snapshots are never paired with each other), except
+snapshots that were released because their cycle failed; mode `window` takes feedback created in
+the last `window_hours`. Both stop at `now`.
 
 The rules, in the order they apply:
 
@@ -389,7 +391,8 @@ def write_snapshot(store: Store, data_dir: Path, pset: PreferenceSet) -> Prefere
     """Write the snapshot's files, then its row; the row never names a half-written folder."""
     files = {name: _jsonl(getattr(pset, name)) for name in FILES}
     digest = content_hash(files)
-    snap_id = f"snap-{digest[:12]}-{pset.created_at:%Y%m%d%H%M%S}"
+    # To the microsecond: a failed cycle's released feedback may be snapshotted again at once.
+    snap_id = f"snap-{digest[:12]}-{pset.created_at:%Y%m%d%H%M%S%f}"
     relative = Path("snapshots") / snap_id
     final = data_dir / relative
     if final.exists():
@@ -433,3 +436,17 @@ def write_snapshot(store: Store, data_dir: Path, pset: PreferenceSet) -> Prefere
         raise result
     logger.info("preference snapshot %s: %s", snap_id, pset.counts)
     return result
+
+
+def release_snapshot(store: Store, snapshot_id: str) -> None:
+    """Give the snapshot's feedback back: mode `incremental` takes it again in the next snapshot.
+    For a cycle that failed before the gate judged what it trained; the snapshot's row (marked
+    `released_at`) and files stay, so the failed run still names what it had."""
+
+    def op(session: Session) -> None:
+        row = session.get(PreferenceSnapshot, snapshot_id)
+        if row is not None and row.released_at is None:
+            row.released_at = datetime.now(UTC)
+
+    store.write_one(op)
+    logger.info("preference snapshot %s released: its feedback is pending again", snapshot_id)

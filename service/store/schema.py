@@ -112,7 +112,9 @@ class Promotion(Base):
 
 
 class PreferenceSnapshot(Base):
-    """A frozen preference set: which feedback it used, its counts and content hash."""
+    """A frozen preference set: which feedback it used, its counts and content hash. A snapshot
+    whose cycle failed is released (`released_at`): it stays on record, but its feedback counts as
+    unused again, so the next snapshot takes it."""
 
     __tablename__ = "preference_snapshots"
 
@@ -122,6 +124,7 @@ class PreferenceSnapshot(Base):
     counts: Mapped[dict] = mapped_column(JSON)
     feedback_ids: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class TrainingRun(Base):

@@ -52,9 +52,10 @@ def _sqlite_engine(url: str, *, begin: str) -> Engine:
 
 
 def used_feedback_ids(session: Session) -> set[str]:
-    """Ids of the feedback some preference snapshot already took."""
+    """Ids of the feedback some preference snapshot already took (and did not give back)."""
     used: set[str] = set()
-    for ids in session.scalars(select(PreferenceSnapshot.feedback_ids)):
+    query = select(PreferenceSnapshot.feedback_ids).where(PreferenceSnapshot.released_at.is_(None))
+    for ids in session.scalars(query):
         used.update(ids)
     return used
 
