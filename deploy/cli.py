@@ -25,6 +25,7 @@ import sys
 import threading
 
 from service.settings import SettingsError, load_settings
+from service.store import DatabaseUnreachable
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -44,18 +45,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from deploy.loop import start_scheduler, training_settings
 
     settings = load_settings(**_overrides(args))
+    scheduler_enabled = training_settings(settings).scheduler.enabled  # checked before Ray starts
+    from service import deployment
+
+    # The database first: an unreachable one stops here, before a model download or Ray's start.
+    deployment.prepare_store(settings)
     if settings.model_path is None:
         from deploy.bootstrap import ensure_embedded_model
 
         ensure_embedded_model(settings.data_dir)
-    from service import deployment
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     deployment.deploy(settings)
     scheduler = None
-    if training_settings(settings).scheduler.enabled:
+    if scheduler_enabled:
         scheduler = start_scheduler(settings)
     print(
         f"prefloop: serving on http://{settings.bind_host}:{settings.port}  (Ctrl-C stops)",
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.run(args)
-    except SettingsError as exc:
+    except (SettingsError, DatabaseUnreachable) as exc:
         print(f"prefloop: {exc}", file=sys.stderr)
         return 2
 

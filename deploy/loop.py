@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.registry import Registry
 from service.runs import get_run
-from service.settings import Settings, settings_error
+from service.settings import OFFLINE_SECTIONS, Settings, reject_unknown_settings, settings_error
 from service.store import Store, TrainingRun
 from training.config import TrainingSettings
 from training.cycle import CycleContext, run_cycle
@@ -26,6 +26,8 @@ def open_registry(settings: Settings) -> Registry:
 
 
 def training_settings(settings: Settings) -> TrainingSettings:
+    """The offline side's sections, checked as `load_settings` checks the service's."""
+    reject_unknown_settings(TrainingSettings, sections=OFFLINE_SECTIONS)
     try:
         return TrainingSettings(data_dir=settings.data_dir)
     except ValidationError as exc:

@@ -9,12 +9,21 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections.abc import Collection, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,6 +77,7 @@ class ApiKey(BaseModel):
 class AutoscalingSettings(BaseModel):
     """Ray Serve's replica autoscaling. Off: `replicas` is a fixed count."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
     enabled: bool = False
     min_replicas: int = Field(
         default=1, ge=1, description="never fewer (a replica starts its engine in ~40 s)"
@@ -91,6 +101,8 @@ class AutoscalingSettings(BaseModel):
 
 class EngineSettings(BaseModel):
     """vLLM engine settings for each policy replica."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
 
     # None: bfloat16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16 or
     # AMX), float32 elsewhere: on an AVX2-only CPU vLLM emulates bf16 and runs slower in it.
@@ -217,28 +229,77 @@ _NOT_FIELDS = {"PREFLOOP_CONFIG", "PREFLOOP_LOG_LEVEL"}
 OFFLINE_SECTIONS = ("snapshot", "train", "gate", "scheduler")
 
 
-def _unknown_settings() -> list[str]:
-    """`PREFLOOP_...` variables and config file keys that name no setting: a typo would otherwise
-    be silently ignored."""
-    known = set(_NOT_FIELDS)
-    for name, field in Settings.model_fields.items():
-        known.add(f"PREFLOOP_{name.upper()}")
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            known |= {
-                f"PREFLOOP_{name.upper()}__{sub.upper()}" for sub in field.annotation.model_fields
-            }
-    offline = tuple(f"PREFLOOP_{s.upper()}__" for s in OFFLINE_SECTIONS)
-    unknown = [
-        f"{v}="
-        for v in os.environ
-        if v.startswith("PREFLOOP_") and v not in known and not v.startswith(offline)
-    ]
+def _section(annotation: object) -> type[BaseModel] | None:
+    """The model of a field that is a section of settings (`engine`, `train.ppo`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _names_a_setting(model: type[BaseModel], path: Sequence[str]) -> bool:
+    """Whether `path` (field names, outermost first) names a field of `model` or of its sections."""
+    field = model.model_fields.get(path[0])
+    if field is None or len(path) == 1:
+        return field is not None
+    section = _section(field.annotation)
+    return section is not None and _names_a_setting(section, path[1:])
+
+
+def _unknown_keys(model: type[BaseModel], data: Mapping[object, object], prefix: str) -> list[str]:
+    """Dotted paths of the keys of `data` (a config file's mapping) that name no field of `model`,
+    in its sections too."""
+    unknown = []
+    for key, value in data.items():
+        field = model.model_fields.get(str(key))
+        if field is None:
+            unknown.append(f"{prefix}{key}")
+        elif (section := _section(field.annotation)) is not None and isinstance(value, Mapping):
+            unknown += _unknown_keys(section, value, f"{prefix}{key}.")
+    return unknown
+
+
+def _config_file_settings() -> tuple[str, Mapping[object, object]] | None:
+    """The file `PREFLOOP_CONFIG` names and its mapping, if it names one."""
     config_file = os.environ.get("PREFLOOP_CONFIG")
-    if config_file and Path(config_file).is_file():
-        keys = (yaml.safe_load(Path(config_file).read_text()) or {}).keys()
-        allowed = set(Settings.model_fields) | set(OFFLINE_SECTIONS)
-        unknown += [f"{config_file}: {k}" for k in keys if k not in allowed]
-    return sorted(unknown)
+    if not config_file or not Path(config_file).is_file():
+        return None  # no file; a name without a file is refused where the sources are built
+    try:
+        data = yaml.safe_load(Path(config_file).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"PREFLOOP_CONFIG={config_file!r}: not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise SettingsError(
+            f"PREFLOOP_CONFIG={config_file!r}: the file must be a mapping of settings "
+            f"(`port: 9000`, `engine:` with its keys below), not a {type(data).__name__}"
+        )
+    return config_file, data
+
+
+def reject_unknown_settings(model: type[BaseModel], sections: Collection[str] | None) -> None:
+    """Refuse `PREFLOOP_...` variables and config file keys, at any depth, that name no setting of
+    `model`: pydantic would ignore a misspelt one. `sections`: only the names under these
+    top-level keys are `model`'s to check (the offline side's); None: every name outside
+    OFFLINE_SECTIONS. A file key is named by its dotted path (`engine.max_num_seqz`)."""
+
+    def owned(top: str) -> bool:
+        return top in sections if sections is not None else top not in OFFLINE_SECTIONS
+
+    unknown = []
+    for var in os.environ:
+        if not var.startswith("PREFLOOP_") or var in _NOT_FIELDS:
+            continue
+        path = var.removeprefix("PREFLOOP_").lower().split("__")
+        if owned(path[0]) and not _names_a_setting(model, path):
+            unknown.append(f"{var}=")
+    config = _config_file_settings()
+    if config is not None:
+        name, data = config
+        mine = {key: value for key, value in data.items() if owned(str(key))}
+        unknown += [f"{name}: {key}" for key in _unknown_keys(model, mine, "")]
+    if unknown:
+        raise SettingsError(
+            "unknown settings: " + ", ".join(sorted(unknown)) + " (see README, Configuration)"
+        )
 
 
 def settings_error(exc: ValidationError) -> SettingsError:
@@ -253,11 +314,7 @@ def settings_error(exc: ValidationError) -> SettingsError:
 
 def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's errors into one message naming each bad setting."""
-    unknown = _unknown_settings()
-    if unknown:
-        raise SettingsError(
-            "unknown settings: " + ", ".join(unknown) + " (see README, Configuration)"
-        )
+    reject_unknown_settings(Settings, sections=None)
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
         settings.all_api_keys  # noqa: B018 - parse the keys file now, not on the first request

@@ -10,10 +10,11 @@ from service.store.schema import (
     Promotion,
     TrainingRun,
 )
-from service.store.store import Store, used_feedback_ids
+from service.store.store import DatabaseUnreachable, Store, used_feedback_ids
 from service.store.writer import GroupCommitWriter
 
 __all__ = [
+    "DatabaseUnreachable",
     "Feedback",
     "Generation",
     "GenerationChoice",

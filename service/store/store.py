@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, create_engine, event, make_url, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store.schema import Feedback, Generation, PreferenceSnapshot
@@ -19,6 +19,28 @@ from service.store.schema import Feedback, Generation, PreferenceSnapshot
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The database cannot be reached or opened. The message names where (host and port, or the
+    SQLite file), the driver's cause and the setting to check; never the password."""
+
+    @classmethod
+    def from_error(cls, url: str, exc: OperationalError) -> DatabaseUnreachable:
+        parsed = make_url(url)
+        text = str(exc.orig if exc.orig is not None else exc).strip()
+        # The driver's first line ends with the cause: `... port 5999 failed: Connection refused`.
+        cause = text.splitlines()[0].rsplit(": ", 1)[-1].strip() if text else type(exc).__name__
+        if parsed.password:
+            cause = cause.replace(str(parsed.password), "***")
+        cause = cause[:1].lower() + cause[1:]
+        if parsed.get_backend_name() == "sqlite":
+            return cls(
+                f"cannot open the database at {parsed.database} ({cause}); check "
+                "PREFLOOP_DATABASE_URL and PREFLOOP_DATA_DIR"
+            )
+        where = f"{parsed.host or 'the local socket'}:{parsed.port or 5432}"
+        return cls(f"cannot reach the database at {where} ({cause}); check PREFLOOP_DATABASE_URL")
 
 
 def _sqlite_engine(url: str, *, begin: str) -> Engine:
@@ -77,13 +99,18 @@ class Store:
         self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest migration (idempotent)."""
+        """Bring the schema to the newest migration (idempotent). The first thing every entry
+        point does with the database, so it raises `DatabaseUnreachable` when it cannot connect."""
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self._write_engine.connect() as conn:
+        try:
+            connection = self._write_engine.connect()
+        except OperationalError as exc:
+            raise DatabaseUnreachable.from_error(self.url, exc) from None
+        with connection as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
             conn.commit()

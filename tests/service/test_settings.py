@@ -67,6 +67,38 @@ def test_unknown_config_file_key_is_named(monkeypatch, tmp_path):
     assert "train" not in str(exc.value) and "EPOCHS" not in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("engine:\n  max_num_seqz: 3\n", "engine.max_num_seqz"),
+        ("autoscaling:\n  enabled: true\n  max_replica: 2\n", "autoscaling.max_replica"),
+        ("port: 9000\nengine:\n  max_num_seqs: 8\n  dtyp: float32\n", "engine.dtyp"),
+    ],
+)
+def test_unknown_nested_config_file_key_is_named(monkeypatch, tmp_path, text, named):
+    cfg = tmp_path / "prefloop.yaml"
+    cfg.write_text(text)
+    monkeypatch.setenv("PREFLOOP_CONFIG", str(cfg))
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert str(exc.value) == f"unknown settings: {cfg}: {named} (see README, Configuration)"
+
+
+def test_unknown_key_in_a_section_given_whole_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("PREFLOOP_ENGINE", json.dumps({"max_num_seqz": 3}))
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert "PREFLOOP_ENGINE__MAX_NUM_SEQZ=3: Extra inputs are not permitted" in str(exc.value)
+
+
+def test_config_file_that_is_not_a_mapping_is_named(monkeypatch, tmp_path):
+    cfg = tmp_path / "prefloop.yaml"
+    cfg.write_text("- port: 9000\n")
+    monkeypatch.setenv("PREFLOOP_CONFIG", str(cfg))
+    with pytest.raises(SettingsError, match=r"PREFLOOP_CONFIG=.*a mapping of settings"):
+        load_settings()
+
+
 def test_missing_config_file_is_named(monkeypatch):
     monkeypatch.setenv("PREFLOOP_CONFIG", "/nonexistent/prefloop.yaml")
     with pytest.raises(SettingsError, match="PREFLOOP_CONFIG"):

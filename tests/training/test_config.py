@@ -40,3 +40,20 @@ def test_bad_values_name_the_setting(monkeypatch, tmp_path, name, value, named):
     with pytest.raises(SettingsError) as exc:
         training_settings(Settings(data_dir=tmp_path))
     assert named in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("train:\n  betaa: 0.3\n", "train.betaa"),
+        ("train:\n  ppo:\n    epochz: 3\n", "train.ppo.epochz"),
+        ("scheduler:\n  retry_backof_s: 60\n", "scheduler.retry_backof_s"),
+    ],
+)
+def test_unknown_config_file_keys_are_named_by_their_path(monkeypatch, tmp_path, text, named):
+    cfg = tmp_path / "prefloop.yaml"
+    cfg.write_text(text)
+    monkeypatch.setenv("PREFLOOP_CONFIG", str(cfg))
+    with pytest.raises(SettingsError) as exc:
+        training_settings(Settings(data_dir=tmp_path))
+    assert str(exc.value) == f"unknown settings: {cfg}: {named} (see README, Configuration)"

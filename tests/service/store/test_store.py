@@ -9,7 +9,13 @@ import pytest
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
-from service.store import Generation, GenerationChoice, GroupCommitWriter, Store
+from service.store import (
+    DatabaseUnreachable,
+    Generation,
+    GenerationChoice,
+    GroupCommitWriter,
+    Store,
+)
 
 
 def generation(gid: str, text: str = "hello") -> list:
@@ -147,3 +153,24 @@ def test_sqlite_and_postgres_agree(postgres_url, tmp_path):
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}")  # a folder, not a database file
+    with pytest.raises(DatabaseUnreachable) as exc:
+        store.upgrade()
+    assert str(exc.value) == (
+        f"cannot open the database at {tmp_path} (unable to open database file); "
+        "check PREFLOOP_DATABASE_URL and PREFLOOP_DATA_DIR"
+    )
+
+
+@pytest.mark.postgres
+def test_a_refused_postgres_login_names_host_port_and_cause_not_the_password():
+    store = Store("postgresql+psycopg://no_such_role:s3cret-pw@127.0.0.1:5432/prefloop")
+    with pytest.raises(DatabaseUnreachable) as exc:
+        store.upgrade()
+    assert str(exc.value) == (
+        'cannot reach the database at 127.0.0.1:5432 (role "no_such_role" does not exist); '
+        "check PREFLOOP_DATABASE_URL"
+    )
