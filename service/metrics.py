@@ -1,7 +1,7 @@
 """Prometheus metrics of the service, right with any number of replicas.
 
-Every observation lands in the replica's own registry and, where Ray runs in the process (a Serve
-replica), in Ray's metrics pipeline too: Ray's agent on every node exports the metrics of every
+Every observation lands in the replica's own registry and, in a Ray actor (a Serve replica), in
+Ray's metrics pipeline too: Ray's agent on every node exports the metrics of every
 process on that node (names prefixed `ray_`, on the node's `metrics_export_port`, which is what a
 PodMonitor scrapes on every Ray pod). `/metrics` answers with the cluster's totals under Ray
 (`cluster_exposition`: every alive node's export, prefloop's families only, summed over Ray's own
@@ -32,12 +32,13 @@ RAY_PREFIX = "ray_"
 NODE_TIMEOUT_S = 2.0
 
 
-def _ray_running() -> bool:
+def _in_ray_actor() -> bool:
+    """This process is a Ray actor (a Serve replica), not a driver that merely joined Ray."""
     try:
         import ray
     except ImportError:
         return False
-    return bool(ray.is_initialized())
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 class _Child:
@@ -107,7 +108,7 @@ class Family:
 class Metrics:
     def __init__(self, in_flight: Callable[[], float], mirror: bool | None = None):
         self.registry = CollectorRegistry()
-        self.mirrored = _ray_running() if mirror is None else mirror
+        self.mirrored = _in_ray_actor() if mirror is None else mirror
         self._in_flight = in_flight
 
         def family(kind: str, name: str, doc: str, *labels: str, **kw: Any) -> Family:

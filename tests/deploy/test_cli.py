@@ -22,6 +22,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         if name.startswith("PREFLOOP_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("PREFLOOP_DATA_DIR", str(tmp_path))
+    # `main(["--config", F, ...])` exports PREFLOOP_CONFIG for what it starts; setting it here
+    # first makes monkeypatch remove it after the test, so it cannot reach later tests.
+    monkeypatch.setenv("PREFLOOP_CONFIG", "")
+    monkeypatch.delenv("PREFLOOP_CONFIG")
 
 
 def test_status_shows_the_backoff_after_a_failed_cycle(capsys: pytest.CaptureFixture) -> None:

@@ -39,8 +39,11 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         log_to_driver=False,
         _system_config={"metrics_report_interval_ms": 1000},
     )
-    with running_service(tmp_path_factory, replicas=2) as svc:
-        yield svc
+    try:
+        with running_service(tmp_path_factory, replicas=2) as svc:
+            yield svc
+    finally:
+        ray.shutdown()  # also when the service never started
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
