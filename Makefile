@@ -51,12 +51,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The end-to-end tests run in a pytest process of their own, after the rest: the swap's 2 s bound
-# held in every run of tests/e2e/test_loop.py alone and failed in two runs of the whole suite in
-# one process.
 test: lint
-	$(BIN)/pytest -ra -q -m "not e2e$(if $(TEST_MARKERS), and ($(TEST_MARKERS)))"
-	$(BIN)/pytest -ra -q -m "e2e$(if $(TEST_MARKERS), and ($(TEST_MARKERS)))"
+	$(BIN)/pytest -ra -q -m "$(TEST_MARKERS)"
 
 test-fast: setup
 	$(BIN)/pytest -q
