@@ -36,11 +36,16 @@ MAX_LENGTH = 192
 
 
 def candidate(registry, tmp_path, name: str, weight: float = 1.0):
+    return publish_candidate(registry, trained_result(tmp_path, name, weight), name)
+
+
+def publish_candidate(registry, source: Path, name: str) -> tuple[ModelVersion, ModelVersion]:
+    """`source` (a result folder) published as a LoRA candidate on the base, which serves."""
     parent = registry.served().version
     version = registry.publish(
         version_id=name,
         parent=parent,
-        source=trained_result(tmp_path, name, weight),
+        source=source,
         kind="lora",
         weights_id="base",
         algorithm="dpo",
@@ -153,19 +158,7 @@ def dpo_candidate(
     """The DPO result published as a LoRA candidate on the base, which serves: its reference."""
     source = tmp_path / "results" / name
     shutil.copytree(result, source)
-    parent = registry.served().version
-    version = registry.publish(
-        version_id=name,
-        parent=parent,
-        source=source,
-        kind="lora",
-        weights_id="base",
-        algorithm="dpo",
-        snapshot_id=None,
-        config={},
-        metrics={},
-    )
-    return version, parent
+    return publish_candidate(registry, source, name)
 
 
 def test_candidate_that_ranks_heldout_pairs_right_passes(tiny_registry, tmp_path, dpo_result):
