@@ -700,7 +700,6 @@ def run_pair(
 ) -> None:
     """Deploy a stored variant at `/`, seed it, measure it in rounds beside the bare app (already
     deployed at BARE_PREFIX), count the stored rows, and delete it."""
-    from ray import serve
 
     from service import deployment
     from service.store import Feedback, Store
@@ -710,7 +709,7 @@ def run_pair(
     settings = settings_for(variant, scratch, model)
     started = time.monotonic()
     deployment.prepare_store(settings)
-    serve.run(deployment.application(settings), name=variant.app, route_prefix="/")
+    deployment.run_applications(settings, name=variant.app)
     wait_http(f"{variant.base_url}/readyz", 300)
     print(f"[ingest] {variant.name}: deployed in {time.monotonic() - started:.0f} s", flush=True)
     try:
@@ -720,7 +719,7 @@ def run_pair(
         events = {s.label: Events(ids, f"{s.label}-{uuid.uuid4().hex[:6]}") for s in sides}
         measure(sides, events, args)
     finally:
-        serve.delete(variant.app)
+        deployment.delete_applications(variant.app)
     store = Store(variant.database_url or "")  # a fresh connection, after the replica is gone
     try:
         variant.stored = store.count(Feedback)

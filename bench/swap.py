@@ -272,7 +272,6 @@ async def one_swap(
 
 async def run(args: argparse.Namespace, result: Result) -> None:
     import ray
-    from ray import serve
 
     from service import deployment
     from service.registry import Registry
@@ -339,13 +338,7 @@ async def run(args: argparse.Namespace, result: Result) -> None:
         await asyncio.to_thread(prepare_rolling)
 
         async def redeploy() -> None:
-            await asyncio.to_thread(
-                serve.run,
-                deployment.application(rolled),
-                name=deployment.APP_NAME,
-                route_prefix="/",
-                blocking=False,
-            )
+            await asyncio.to_thread(deployment.run_applications, rolled)
 
         await asyncio.sleep(GAP_S)
         naive = await one_swap(load, polls, redeploy, "v-redeployed", None)

@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 
 from service.auth import Principal
 from service.errors import Conflict
+from service.policy import Policy
 from service.protocol import RewardScore, RewardScores, ScoreRequest
 from service.registry import REWARD_KIND, Registry
-from service.rollout import VersionFollower
 from service.runs import ACTIVE, queue_run, recent_runs
 from service.scoring import ScorerCache, normalisation
 from service.store import Feedback, ModelVersion, TrainingRun, used_feedback_ids
@@ -126,9 +126,7 @@ def score_answers(registry: Registry, scorers: ScorerCache, req: ScoreRequest) -
     )
 
 
-def admin_router(
-    registry: Registry, follower: VersionFollower, scorers: ScorerCache, admin: Any
-) -> APIRouter:
+def admin_router(registry: Registry, policy: Policy, scorers: ScorerCache, admin: Any) -> APIRouter:
     router = APIRouter(prefix="/v1/admin")
     Admin = Annotated[Principal, Depends(admin)]
 
@@ -146,8 +144,9 @@ def admin_router(
     @router.post("/versions/{version_id}/promote")
     async def promote(version_id: str, who: Admin) -> dict:
         promo = await asyncio.to_thread(registry.promote, version_id, who.name)
-        # This replica swaps before answering; the others follow within their poll interval.
-        serving = await follower.sync()
+        # One policy replica swaps before this answers; the others follow within their poll
+        # interval.
+        serving = await policy.sync()
         return {
             "object": "promotion",
             "id": promo.id,

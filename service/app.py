@@ -1,7 +1,12 @@
-"""The HTTP API of a policy replica: routes parse, delegate and map results; nothing else.
+"""The HTTP API: routes parse, delegate and map results; nothing else.
 
-`build_app` is called by the Serve deployment with the replica's collaborators (and by the fast
-tests with a fake engine).
+The routes come in two halves so that a vote never waits on an engine. The policy half
+(`build_policy_app`: chat completions and the replica's own probes) runs in every policy replica,
+beside its vLLM engine; the API half (`build_api_app`: feedback, export, admin, models, readiness,
+metrics) runs in a light replica of its own, and reaches the policy replicas through a `Policy`.
+Serve's proxy routes `/v1/chat` to the first and everything else to the second, one hop each, so
+feedback keeps being accepted while a policy replica restarts. `build_app` puts both halves in one
+app over one engine (the fast tests, and anything that runs without Serve).
 """
 
 import time
@@ -20,6 +25,7 @@ from service.engine import PolicyEngine
 from service.errors import ApiError, install_error_handlers
 from service.feedback import FeedbackService, parse_event, with_header_key
 from service.metrics import Metrics
+from service.policy import LocalPolicy, Policy
 from service.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -52,6 +58,7 @@ ROUTES = frozenset(
         "/v1/admin/score",
     }
 )
+CHAT_PREFIX = "/v1/chat"  # the policy half's routes, as Serve's proxy routes them
 
 
 class _RequestMetrics:
@@ -80,77 +87,55 @@ class _RequestMetrics:
             self.metrics.sample_in_flight()
 
 
-def build_app(
-    engine: PolicyEngine,
-    registry: Registry,
-    authenticator: Authenticator,
-    *,
-    default_max_tokens: int = 512,
-    feedback_batch_max: int = 256,
-    swap_poll_s: float = 0.25,
-) -> FastAPI:
-    store = registry.store
-    metrics = Metrics(in_flight=lambda: engine.in_flight)
-    writer = GroupCommitWriter(store, max_batch=feedback_batch_max)
-    follower = VersionFollower(engine, registry, swap_poll_s, metrics)
+class _AbsolutePaths:
+    """Serve's proxy sets `root_path` to the application's route prefix, which Starlette strips
+    before matching; routes here are written whole (`/v1/chat/completions`), so it is cleared."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # A replica that starts while a version is promoted takes no request before it serves it.
-        await follower.sync()
-        follower.start()
-        yield
-        await follower.stop()
-        await writer.close()
+    def __init__(self, app):
+        self.app = app
 
-    app = FastAPI(title="prefloop", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
-    chat = ChatService(engine, writer, metrics, default_max_tokens)
-    feedback = FeedbackService(writer, metrics)
-    # Reward models for `POST /v1/admin/score`, loaded on first use and kept between requests.
-    scorers = ScorerCache()
-    app.state.writer, app.state.metrics, app.state.follower = writer, metrics, follower
-    app.state.scorers = scorers
-    app.add_middleware(_RequestMetrics, metrics=metrics)
+    async def __call__(self, scope, receive, send):
+        if scope.get("root_path"):
+            scope = {**scope, "root_path": ""}
+        await self.app(scope, receive, send)
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
-        return authenticator(authorization)
 
-    Caller = Annotated[Principal, Depends(principal)]
+class _Scopes:
+    """The route dependencies that authenticate the caller and check one scope."""
 
-    def scoped(scope: Scope) -> Callable[[Principal], Principal]:
-        def check(caller: Caller) -> Principal:
+    def __init__(self, authenticator: Authenticator):
+        def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+            return authenticator(authorization)
+
+        self.caller = principal
+
+    def __call__(self, scope: Scope) -> Callable[..., Principal]:
+        principal = self.caller
+
+        def check(caller: Annotated[Principal, Depends(principal)]) -> Principal:
             return caller.require(scope)
 
         return check
 
-    Chat = Annotated[Principal, Depends(scoped("chat"))]
-    Voter = Annotated[Principal, Depends(scoped("feedback"))]
-    Admin = Annotated[Principal, Depends(scoped("admin"))]
 
-    app.include_router(admin_router(registry, follower, scorers, scoped("admin")))
+def _new_app(metrics: Metrics, lifespan: Callable) -> FastAPI:
+    app = FastAPI(title="prefloop", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+    app.add_middleware(_AbsolutePaths)
+    return app
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        try:
-            await engine.check_health()
-        except ApiError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
-        return JSONResponse({"status": "ready", "model_version": engine.version})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(await metrics.exposition(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models(_: Chat) -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=engine.model_name, created=int(time.time()), version=engine.version)]
-        )
+def _policy_routes(
+    app: FastAPI,
+    engine: PolicyEngine,
+    writer: GroupCommitWriter,
+    metrics: Metrics,
+    scopes: _Scopes,
+    default_max_tokens: int,
+) -> None:
+    chat = ChatService(engine, writer, metrics, default_max_tokens)
+    Chat = Annotated[Principal, Depends(scopes("chat"))]
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, who: Chat) -> ChatCompletion | Response:
@@ -160,6 +145,44 @@ def build_app(
                 body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         return await chat.complete(req, who.name)
+
+
+def _api_routes(
+    app: FastAPI,
+    policy: Policy,
+    registry: Registry,
+    writer: GroupCommitWriter,
+    metrics: Metrics,
+    scopes: _Scopes,
+) -> None:
+    feedback = FeedbackService(writer, metrics)
+    # Reward models for `POST /v1/admin/score`, loaded on first use and kept between requests.
+    scorers = ScorerCache()
+    app.state.scorers = scorers
+    Chat = Annotated[Principal, Depends(scopes("chat"))]
+    Voter = Annotated[Principal, Depends(scopes("feedback"))]
+    Admin = Annotated[Principal, Depends(scopes("admin"))]
+
+    app.include_router(admin_router(registry, policy, scorers, scopes("admin")))
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            version = await policy.ready()
+        except ApiError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse({"status": "ready", "model_version": version})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(await metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(_: Chat) -> ModelList:
+        card = ModelCard(
+            id=policy.model_name, created=int(time.time()), version=await policy.version()
+        )
+        return ModelList(data=[card])
 
     @app.post("/v1/feedback", status_code=201)
     async def post_feedback(
@@ -183,9 +206,89 @@ def build_app(
         _: Admin, format: Annotated[ExportFormat, Query()] = "trl"
     ) -> StreamingResponse:
         return StreamingResponse(
-            export.jsonl(store, format),
+            export.jsonl(registry.store, format),
             media_type="application/x-ndjson",
             headers={"Content-Disposition": f'attachment; filename="preferences-{format}.jsonl"'},
         )
 
+
+def _healthz(app: FastAPI) -> None:
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+
+def build_policy_app(
+    engine: PolicyEngine,
+    registry: Registry,
+    authenticator: Authenticator,
+    *,
+    default_max_tokens: int = 512,
+    feedback_batch_max: int = 256,
+    swap_poll_s: float = 0.25,
+) -> tuple[FastAPI, LocalPolicy]:
+    """A policy replica's app, and the `Policy` that the API half reaches it through."""
+    metrics = Metrics(in_flight=lambda: engine.in_flight)
+    writer = GroupCommitWriter(registry.store, max_batch=feedback_batch_max)
+    follower = VersionFollower(engine, registry, swap_poll_s, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # A replica that starts while a version is promoted takes no request before it serves it.
+        await follower.sync()
+        follower.start()
+        yield
+        await follower.stop()
+        await writer.close()
+
+    app = _new_app(metrics, lifespan)
+    app.state.writer, app.state.metrics, app.state.follower = writer, metrics, follower
+    _policy_routes(app, engine, writer, metrics, _Scopes(authenticator), default_max_tokens)
+    return app, LocalPolicy(engine, follower)
+
+
+def build_api_app(
+    policy: Policy,
+    registry: Registry,
+    authenticator: Authenticator,
+    *,
+    feedback_batch_max: int = 256,
+) -> FastAPI:
+    """The API replica's app: every route but chat."""
+    metrics = Metrics(in_flight=lambda: 0)
+    writer = GroupCommitWriter(registry.store, max_batch=feedback_batch_max)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await writer.close()
+
+    app = _new_app(metrics, lifespan)
+    app.state.writer, app.state.metrics = writer, metrics
+    _healthz(app)
+    _api_routes(app, policy, registry, writer, metrics, _Scopes(authenticator))
+    return app
+
+
+def build_app(
+    engine: PolicyEngine,
+    registry: Registry,
+    authenticator: Authenticator,
+    *,
+    default_max_tokens: int = 512,
+    feedback_batch_max: int = 256,
+    swap_poll_s: float = 0.25,
+) -> FastAPI:
+    """Both halves in one app over one engine, sharing its writer and metrics."""
+    app, policy = build_policy_app(
+        engine,
+        registry,
+        authenticator,
+        default_max_tokens=default_max_tokens,
+        feedback_batch_max=feedback_batch_max,
+        swap_poll_s=swap_poll_s,
+    )
+    _healthz(app)
+    state = app.state
+    _api_routes(app, policy, registry, state.writer, state.metrics, _Scopes(authenticator))
     return app

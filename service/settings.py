@@ -143,7 +143,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    replicas: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, description="policy replicas (each with an engine)")
+    api_replicas: int = Field(
+        default=1, ge=1, description="replicas of the engine-free API (feedback, export, admin)"
+    )
     # Ray schedules replicas by logical CPUs; the engine's own processes use the real cores, so a
     # replica asks for none and stays schedulable on a 2-CPU box (DESIGN.md).
     replica_num_cpus: float = Field(default=0.0, ge=0.0)

@@ -44,9 +44,9 @@ def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def running_replicas() -> int:
     from ray import serve
 
-    from service.deployment import APP_NAME
+    from service.deployment import policy_app_name
 
-    deployment = serve.status().applications[APP_NAME].deployments["policy"]
+    deployment = serve.status().applications[policy_app_name()].deployments["policy"]
     return int(deployment.replica_states.get("RUNNING", 0))
 
 

