@@ -1,0 +1,173 @@
+"""Faults under feedback load, against the real service (Ray Serve + vLLM on the embedded model).
+
+While clients vote without pause, one process is killed with SIGKILL: the API replica, the policy
+replica (with its engine), or Serve's HTTP proxy. Afterwards the service answers chat and feedback
+again, every acknowledged vote is stored exactly once, and a retry of an acknowledged vote with its
+idempotency key answers with the same id. Each run prints what it measured (docs/reliability.md).
+
+    pytest tests/e2e/test_faults.py -m e2e -p no:randomly -s
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import func, select
+
+from service.store import Feedback
+from tests.conftest import CHAT_KEY, auth
+from tests.e2e.conftest import Service
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
+
+VOTERS = 4
+RECOVERY_TIMEOUT_S = 240
+
+
+def ray_processes(marker: str) -> set[int]:
+    """Processes of this test's own Ray cluster (our descendants) whose command line has `marker`
+    (Ray titles its workers `ray::<actor class>`, Serve's replicas `ServeReplica:<app>:<name>`)."""
+    found = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if marker in " ".join(proc.cmdline()):
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@dataclass
+class Vote:
+    key: str
+    response_id: str
+    status: int
+    id: str | None
+    sent: float
+
+
+class VoteLoad:
+    """`VOTERS` threads that vote on the given answers as fast as they are answered, each vote
+    with an idempotency key of its own."""
+
+    def __init__(self, svc: Service, response_ids: list[str]):
+        self.svc, self.response_ids = svc, response_ids
+        self.votes: list[Vote] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(VOTERS)]
+
+    def _run(self, worker: int) -> None:
+        with httpx.Client(base_url=self.svc.base_url, headers=auth(CHAT_KEY), timeout=30) as c:
+            n = 0
+            while not self._stop.is_set():
+                key = f"fault-{worker}-{n}-{uuid.uuid4().hex[:8]}"
+                rid = self.response_ids[n % len(self.response_ids)]
+                sent = time.monotonic()
+                body = {"type": "thumbs", "response_id": rid, "rating": "up"}
+                try:
+                    r = c.post("/v1/feedback", json=body, headers={"Idempotency-Key": key})
+                    ack = r.json().get("id") if r.status_code in (200, 201) else None
+                    self.votes.append(Vote(key, rid, r.status_code, ack, sent))
+                except (httpx.HTTPError, ValueError):
+                    self.votes.append(Vote(key, rid, 0, None, sent))
+                    time.sleep(0.1)  # a refused connection returns at once: don't spin
+                n += 1
+
+    def acknowledged(self) -> list[Vote]:
+        return [v for v in self.votes if v.id is not None]
+
+    def __enter__(self) -> VoteLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def answers(svc: Service) -> bool:
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    try:
+        r = httpx.post(
+            f"{svc.base_url}/v1/chat/completions", json=body, headers=auth(CHAT_KEY), timeout=30
+        )
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def response_ids(service: Service) -> Iterator[list[str]]:
+    body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
+    ids = [
+        httpx.post(
+            f"{service.base_url}/v1/chat/completions", json=body, headers=auth(CHAT_KEY), timeout=60
+        ).json()["id"]
+        for _ in range(4)
+    ]
+    yield ids
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("target", "marker"),
+    [
+        ("API replica", "ServeReplica:prefloop:api"),
+        ("policy replica", "ServeReplica:prefloop-policy:policy"),
+        ("proxy", "ProxyActor"),
+    ],
+)
+def test_kill_under_feedback_load(
+    service: Service, response_ids: list[str], target: str, marker: str
+) -> None:
+    victims = ray_processes(marker)
+    assert victims, f"no process of this Ray cluster matches {marker!r}"
+    with VoteLoad(service, response_ids) as load:
+        time.sleep(3)
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        deadline = killed_at + RECOVERY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            recent = [v for v in load.votes[-VOTERS:] if v.sent > killed_at + 1]
+            if recent and all(v.id for v in recent) and answers(service):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"{target}: not answering {RECOVERY_TIMEOUT_S} s after SIGKILL")
+        recovered_s = time.monotonic() - killed_at
+        time.sleep(2)
+    during = [v for v in load.votes if v.sent >= killed_at and v.sent < killed_at + recovered_s]
+    refused = [v for v in during if v.id is None]
+    acked = load.acknowledged()
+    print(
+        f"\n[fault] SIGKILL {target}: answering again after {recovered_s:.1f} s; "
+        f"{len(load.votes)} votes sent, {len(acked)} acknowledged, "
+        f"{len(refused)} refused or failed while recovering "
+        f"(statuses {sorted({v.status for v in refused})})"
+    )
+    assert acked, "no vote was acknowledged"
+    ids = {v.id for v in acked}
+    assert len(ids) == len(acked), "two acknowledgements share an id"
+    with service.store.reading() as s:
+        stored = s.scalar(select(func.count()).select_from(Feedback).where(Feedback.id.in_(ids)))
+    assert stored == len(ids), f"{len(ids) - (stored or 0)} acknowledged votes are not stored"
+    if target == "policy replica":
+        # Votes go to the API replica: a policy replica's death costs none of them.
+        assert not refused, refused[:5]
+    with httpx.Client(base_url=service.base_url, headers=auth(CHAT_KEY), timeout=30) as c:
+        for vote in acked[-3:]:
+            body = {"type": "thumbs", "response_id": vote.response_id, "rating": "up"}
+            r = c.post("/v1/feedback", json=body, headers={"Idempotency-Key": vote.key})
+            assert (r.status_code, r.json()["id"]) == (200, vote.id), r.text
