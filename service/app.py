@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from service import export
 from service.admin import admin_router
 from service.auth import Authenticator, Principal
-from service.chat import ChatService
+from service.chat import ChatService, GenerationRecord
 from service.engine import PolicyEngine
 from service.errors import ApiError, install_error_handlers
-from service.feedback import FeedbackService, parse_event, with_header_key
+from service.feedback import FeedbackService, FeedbackWrite, parse_event, with_header_key
 from service.metrics import Metrics
 from service.protocol import (
     ChatCompletion,
@@ -33,8 +33,8 @@ from service.protocol import (
 from service.registry import Registry
 from service.rollout import VersionFollower
 from service.scoring import ScorerCache
-from service.settings import Scope
-from service.store import GroupCommitWriter
+from service.settings import JournalSettings, Scope
+from service.store import GroupCommitWriter, Journal
 
 ROUTES = frozenset(
     {
@@ -88,10 +88,22 @@ def build_app(
     default_max_tokens: int = 512,
     feedback_batch_max: int = 256,
     swap_poll_s: float = 0.25,
+    write_queue_max: int = 10_000,
+    journal: JournalSettings | None = None,
 ) -> FastAPI:
     store = registry.store
     metrics = Metrics(in_flight=lambda: engine.in_flight)
-    writer = GroupCommitWriter(store, max_batch=feedback_batch_max)
+    journal = journal or JournalSettings()
+    writer = GroupCommitWriter(
+        store,
+        max_batch=feedback_batch_max,
+        queue_max=write_queue_max,
+        journal=Journal(registry.data_dir / "journal", journal.max_bytes),
+        kinds=(GenerationRecord, FeedbackWrite),  # a vote names a generation: those go first
+        probe_interval_s=journal.probe_interval_s,
+        orphan_grace_s=journal.orphan_grace_s,
+        metrics=metrics,
+    )
     follower = VersionFollower(engine, registry, swap_poll_s, metrics)
 
     @asynccontextmanager
@@ -99,6 +111,7 @@ def build_app(
         # A replica that starts while a version is promoted takes no request before it serves it.
         await follower.sync()
         follower.start()
+        writer.start()  # replays what a replica that died here left in its journal
         yield
         await follower.stop()
         await writer.close()
@@ -153,13 +166,17 @@ def build_app(
         )
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatCompletionRequest, who: Chat) -> ChatCompletion | Response:
+    async def chat_completions(
+        req: ChatCompletionRequest, who: Chat, response: Response
+    ) -> ChatCompletion | Response:
         if req.stream:
             body = chat.start_stream(req, who.name)
             return StreamingResponse(
                 body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        return await chat.complete(req, who.name)
+        completion, recorded = await chat.complete(req, who.name)
+        response.headers["Prefloop-Record"] = recorded
+        return completion
 
     @app.post("/v1/feedback", status_code=201)
     async def post_feedback(
@@ -170,7 +187,9 @@ def build_app(
     ) -> FeedbackAck:
         event = with_header_key(parse_event(raw), idempotency_key)
         ack = await feedback.submit(who, event)
-        if ack.replayed:
+        if ack.queued:
+            response.status_code = 202
+        elif ack.replayed:
             response.status_code = 200
         return ack
 
