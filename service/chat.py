@@ -129,6 +129,11 @@ class GenerationRecord:
         )
         return "stored"
 
+    def stage(self, session: Session) -> Recorded:
+        """There is nothing to check, so the rows can always be staged: they go in with the
+        batch's other staged rows, one multi-row INSERT per table (`Store.write_batch`)."""
+        return self(session)
+
     def to_record(self) -> dict[str, Any]:
         return {
             "id": self.id,
