@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from service import export
 from service.admin import admin_router
 from service.auth import Authenticator, Principal
-from service.chat import ChatService
+from service.chat import ChatService, GenerationRecord
 from service.engine import PolicyEngine
 from service.errors import ApiError, install_error_handlers
-from service.feedback import FeedbackService, parse_event, with_header_key
+from service.feedback import FeedbackService, FeedbackWrite, parse_event, with_header_key
 from service.metrics import Metrics
 from service.policy import LocalPolicy, Policy
 from service.protocol import (
@@ -39,8 +39,8 @@ from service.protocol import (
 from service.registry import Registry
 from service.rollout import VersionFollower
 from service.scoring import ScorerCache
-from service.settings import Scope
-from service.store import GroupCommitWriter
+from service.settings import JournalSettings, Scope
+from service.store import GroupCommitWriter, Journal
 
 ROUTES = frozenset(
     {
@@ -118,6 +118,28 @@ class _Scopes:
         return check
 
 
+def _writer(
+    registry: Registry,
+    metrics: Metrics,
+    feedback_batch_max: int,
+    write_queue_max: int,
+    journal: JournalSettings | None,
+) -> GroupCommitWriter:
+    """The replica's group-commit writer, journaling to the data directory while the database is
+    unreachable."""
+    journal = journal or JournalSettings()
+    return GroupCommitWriter(
+        registry.store,
+        max_batch=feedback_batch_max,
+        queue_max=write_queue_max,
+        journal=Journal(registry.data_dir / "journal", journal.max_bytes),
+        kinds=(GenerationRecord, FeedbackWrite),  # a vote names a generation: those go first
+        probe_interval_s=journal.probe_interval_s,
+        orphan_grace_s=journal.orphan_grace_s,
+        metrics=metrics,
+    )
+
+
 def _new_app(metrics: Metrics, lifespan: Callable) -> FastAPI:
     app = FastAPI(title="prefloop", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -138,13 +160,17 @@ def _policy_routes(
     Chat = Annotated[Principal, Depends(scopes("chat"))]
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatCompletionRequest, who: Chat) -> ChatCompletion | Response:
+    async def chat_completions(
+        req: ChatCompletionRequest, who: Chat, response: Response
+    ) -> ChatCompletion | Response:
         if req.stream:
             body = chat.start_stream(req, who.name)
             return StreamingResponse(
                 body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        return await chat.complete(req, who.name)
+        completion, recorded = await chat.complete(req, who.name)
+        response.headers["Prefloop-Record"] = recorded
+        return completion
 
 
 def _api_routes(
@@ -193,7 +219,9 @@ def _api_routes(
     ) -> FeedbackAck:
         event = with_header_key(parse_event(raw), idempotency_key)
         ack = await feedback.submit(who, event)
-        if ack.replayed:
+        if ack.queued:
+            response.status_code = 202
+        elif ack.replayed:
             response.status_code = 200
         return ack
 
@@ -226,10 +254,12 @@ def build_policy_app(
     default_max_tokens: int = 512,
     feedback_batch_max: int = 256,
     swap_poll_s: float = 0.25,
+    write_queue_max: int = 10_000,
+    journal: JournalSettings | None = None,
 ) -> tuple[FastAPI, LocalPolicy]:
     """A policy replica's app, and the `Policy` that the API half reaches it through."""
     metrics = Metrics(in_flight=lambda: engine.in_flight)
-    writer = GroupCommitWriter(registry.store, max_batch=feedback_batch_max)
+    writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
     follower = VersionFollower(engine, registry, swap_poll_s, metrics)
 
     @asynccontextmanager
@@ -237,6 +267,7 @@ def build_policy_app(
         # A replica that starts while a version is promoted takes no request before it serves it.
         await follower.sync()
         follower.start()
+        writer.start()  # replays what a replica that died here left in its journal
         yield
         await follower.stop()
         await writer.close()
@@ -253,13 +284,16 @@ def build_api_app(
     authenticator: Authenticator,
     *,
     feedback_batch_max: int = 256,
+    write_queue_max: int = 10_000,
+    journal: JournalSettings | None = None,
 ) -> FastAPI:
     """The API replica's app: every route but chat."""
     metrics = Metrics(in_flight=lambda: 0)
-    writer = GroupCommitWriter(registry.store, max_batch=feedback_batch_max)
+    writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        writer.start()  # replays what a replica that died here left in its journal
         yield
         await writer.close()
 
@@ -278,6 +312,8 @@ def build_app(
     default_max_tokens: int = 512,
     feedback_batch_max: int = 256,
     swap_poll_s: float = 0.25,
+    write_queue_max: int = 10_000,
+    journal: JournalSettings | None = None,
 ) -> FastAPI:
     """Both halves in one app over one engine, sharing its writer and metrics."""
     app, policy = build_policy_app(
@@ -287,6 +323,8 @@ def build_app(
         default_max_tokens=default_max_tokens,
         feedback_batch_max=feedback_batch_max,
         swap_poll_s=swap_poll_s,
+        write_queue_max=write_queue_max,
+        journal=journal,
     )
     _healthz(app)
     state = app.state

@@ -12,11 +12,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.engine import PolicyEngine, Sampling, resolve_max_tokens
-from service.errors import ApiError
+from service.errors import ApiError, RetryLater
 from service.metrics import Metrics
 from service.protocol import (
     AssistantMessage,
@@ -25,9 +27,12 @@ from service.protocol import (
     Choice,
     Usage,
 )
-from service.store import Generation, GenerationChoice, GroupCommitWriter
+from service.store import Generation, GenerationChoice, GroupCommitWriter, Queued
 
 logger = logging.getLogger(__name__)
+# What became of a chat's record: committed, journaled during a database outage (stored when the
+# database is back), or dropped because the journal was full.
+Recorded = Literal["stored", "journaled", "dropped"]
 
 
 def conversation_hash(messages: list[dict[str, str]]) -> str:
@@ -68,6 +73,101 @@ class _Run:
         return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
+@dataclass
+class GenerationRecord:
+    """The write that stores one generation and its choices; serialisable, so that it can be
+    journaled during a database outage and replayed (`service.store.writer`). Replayed, it
+    stores nothing when its id is already in the database."""
+
+    kind: ClassVar[str] = "generation"
+
+    id: str
+    api_key: str
+    model: str
+    model_version: str
+    messages: list[dict[str, str]]
+    sampling: dict[str, Any]
+    prompt_token_ids: list[int]
+    stream: bool
+    created_at: datetime
+    completed_at: datetime
+    choices: list[tuple[str, list[int], str | None]]  # text, token ids, finish reason
+    replaying: bool = False
+    stored: bool = False  # replaying: the row is already there (set by `prefetch`)
+
+    @classmethod
+    def prefetch(cls, session: Session, records: list[GenerationRecord]) -> None:
+        ids = [r.id for r in records if r.replaying]
+        if ids:
+            there = set(session.scalars(select(Generation.id).where(Generation.id.in_(ids))))
+            for r in records:
+                r.stored = r.id in there
+
+    def __call__(self, session: Session) -> Recorded:
+        if self.stored:
+            return "stored"
+        session.add(
+            Generation(
+                id=self.id,
+                api_key=self.api_key,
+                model=self.model,
+                model_version=self.model_version,
+                conversation_hash=conversation_hash(self.messages),
+                messages=self.messages,
+                sampling=self.sampling,
+                prompt_token_ids=self.prompt_token_ids,
+                stream=self.stream,
+                created_at=self.created_at,
+                completed_at=self.completed_at,
+            )
+        )
+        session.add_all(
+            GenerationChoice(
+                generation_id=self.id, index=i, text=text, token_ids=ids, finish_reason=finish
+            )
+            for i, (text, ids, finish) in enumerate(self.choices)
+        )
+        return "stored"
+
+    def stage(self, session: Session) -> Recorded:
+        """There is nothing to check, so the rows can always be staged: they go in with the
+        batch's other staged rows, one multi-row INSERT per table (`Store.write_batch`)."""
+        return self(session)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "api_key": self.api_key,
+            "model": self.model,
+            "model_version": self.model_version,
+            "messages": self.messages,
+            "sampling": self.sampling,
+            "prompt_token_ids": self.prompt_token_ids,
+            "stream": self.stream,
+            "created_at": self.created_at.isoformat(),
+            "completed_at": self.completed_at.isoformat(),
+            "choices": [list(c) for c in self.choices],
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> GenerationRecord:
+        return cls(
+            **{
+                **data,
+                "created_at": datetime.fromisoformat(data["created_at"]),
+                "completed_at": datetime.fromisoformat(data["completed_at"]),
+                "choices": [tuple(c) for c in data["choices"]],
+            },
+            replaying=True,
+        )
+
+    def queued(self, pending: dict) -> Queued[Recorded]:
+        return Queued("journaled")
+
+    def waits(self, error: Exception) -> bool:
+        return False
+
+
 class ChatService:
     def __init__(
         self,
@@ -82,6 +182,9 @@ class ChatService:
         self._default_max_tokens = default_max_tokens
 
     def _start(self, req: ChatCompletionRequest, api_key: str) -> _Run:
+        # Refused before the engine does any work: a generation whose record cannot be queued
+        # would be answered and never stored.
+        self._writer.check_room()
         messages = [m.model_dump() for m in req.messages]
         prompt = self._engine.render_prompt(messages)
         max_tokens = resolve_max_tokens(
@@ -120,42 +223,39 @@ class ChatService:
         self._metrics.tokens.labels("prompt", str(run.version)).inc(len(run.prompt_token_ids))
         self._metrics.tokens.labels("completion", str(run.version)).inc(run.completion_tokens)
 
-    def _record_op(self, run: _Run):
-        version = run.version or self._engine.version
+    def _record(self, run: _Run) -> GenerationRecord:
+        return GenerationRecord(
+            id=run.id,
+            api_key=run.api_key,
+            model=self._engine.model_name,
+            model_version=run.version or self._engine.version,
+            messages=run.messages,
+            sampling=_sampling_record(run.sampling),
+            prompt_token_ids=run.prompt_token_ids,
+            stream=run.stream,
+            created_at=datetime.fromtimestamp(run.created, UTC),
+            completed_at=datetime.now(UTC),
+            choices=[
+                (run.texts[i], run.token_ids[i], run.finish[i]) for i in range(run.sampling.n)
+            ],
+        )
 
-        def op(session: Session) -> None:
-            gen = Generation(
-                id=run.id,
-                api_key=run.api_key,
-                model=self._engine.model_name,
-                model_version=version,
-                conversation_hash=conversation_hash(run.messages),
-                messages=run.messages,
-                sampling=_sampling_record(run.sampling),
-                prompt_token_ids=run.prompt_token_ids,
-                stream=run.stream,
-                created_at=datetime.fromtimestamp(run.created, UTC),
-                completed_at=datetime.now(UTC),
-            )
-            session.add(gen)
-            session.add_all(
-                GenerationChoice(
-                    generation_id=run.id,
-                    index=i,
-                    text=run.texts[i],
-                    token_ids=run.token_ids[i],
-                    finish_reason=run.finish[i],
-                )
-                for i in range(run.sampling.n)
-            )
+    async def _store(self, run: _Run) -> Recorded:
+        """Write the generation's record; the chat is answered whatever the outcome, which it
+        reports (`Prefloop-Record`)."""
+        try:
+            return await self._writer.submit(self._record(run), bounded=False)
+        except RetryLater as full:  # the journal is full: the answer goes out, the record not
+            logger.warning("generation %s answered without its record: %s", run.id, full)
+            return "dropped"
 
-        return op
-
-    async def complete(self, req: ChatCompletionRequest, api_key: str) -> ChatCompletion:
+    async def complete(
+        self, req: ChatCompletionRequest, api_key: str
+    ) -> tuple[ChatCompletion, Recorded]:
         run = self._start(req, api_key)
         async for _ in self._steps(run):
             pass
-        await self._writer.submit(self._record_op(run))
+        recorded = await self._store(run)
         return ChatCompletion(
             id=run.id,
             created=int(run.created),
@@ -170,7 +270,7 @@ class ChatService:
                 )
                 for i in range(run.sampling.n)
             ],
-        )
+        ), recorded
 
     def start_stream(self, req: ChatCompletionRequest, api_key: str) -> AsyncIterator[str]:
         """Validates now (so errors are plain HTTP errors) and returns the SSE body generator."""
@@ -221,10 +321,13 @@ class ChatService:
                 ]
                 if choices:
                     yield chunk(choices)
-            await self._writer.submit(self._record_op(run))
+            recorded = await self._store(run)
             done = True
             if include_usage:
                 yield chunk([], run.usage())
+            # The headers left before the record was written: its outcome goes in-band, as an
+            # SSE comment, which SSE clients (the openai client among them) skip.
+            yield f": prefloop-record: {recorded}\n\n"
             yield "data: [DONE]\n\n"
         except ApiError as exc:
             # Headers are gone already: report in-band, as OpenAI's streams do.
@@ -235,7 +338,7 @@ class ChatService:
                 # marked aborted, without holding up the cancellation.
                 run.finish = [f or "abort" for f in run.finish]
                 task = asyncio.get_running_loop().create_task(
-                    self._writer.submit(self._record_op(run))
+                    self._writer.submit(self._record(run), bounded=False)
                 )
                 task.add_done_callback(_log_failure)
 

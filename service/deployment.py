@@ -56,6 +56,8 @@ class PolicyReplica:
             default_max_tokens=settings.engine.default_max_tokens,
             feedback_batch_max=settings.feedback_batch_max,
             swap_poll_s=settings.swap_poll_s,
+            write_queue_max=settings.write_queue_max,
+            journal=settings.journal,
         )
 
     def __serve_build_asgi_app__(self):
@@ -125,6 +127,8 @@ class ApiReplica:
             registry,
             Authenticator(settings.all_api_keys),
             feedback_batch_max=settings.feedback_batch_max,
+            write_queue_max=settings.write_queue_max,
+            journal=settings.journal,
         )
 
     def __serve_build_asgi_app__(self):

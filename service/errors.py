@@ -27,6 +27,9 @@ class ApiError(Exception):
         self.param = param
         self.code = code
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
     def body(self) -> dict:
         return {
             "error": {
@@ -73,6 +76,21 @@ class EngineUnavailable(ApiError):
     type = "service_unavailable_error"
 
 
+class RetryLater(ApiError):
+    """Refused for now, not for good: a full write queue or a full journal. The answer carries
+    `Retry-After` (seconds), as HTTP 503 answers beyond capacity should."""
+
+    status = 503
+    type = "service_unavailable_error"
+
+    def __init__(self, message: str, *, retry_after: int, code: str):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 # Parts of a pydantic error location that are not field names: where the value came from, and the
 # tags of the feedback union (`service.feedback.parse_event`).
 _NOT_FIELDS = frozenset({"body", "query", "header", "path", "thumbs", "pairwise"})
@@ -93,7 +111,7 @@ def unprocessable(err: ErrorDetails, prefix: str = "") -> Unprocessable:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

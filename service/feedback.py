@@ -1,14 +1,23 @@
 """Feedback rules: what a vote may refer to, idempotent retries, and batches whose events succeed
-or fail one by one. Writes go through the group-commit writer."""
+or fail one by one. Writes go through the group-commit writer.
+
+While the database is unreachable an event cannot be checked (does the response exist, is it this
+key's, was the idempotency key used before): it is journaled and acknowledged with 202 and
+`queued: true`, under the id and time it will be stored with, and checked when the journal is
+replayed; one that fails then is not stored but written to the journal's `rejected.jsonl`
+(`service.store.writer` says how, and how retries are answered meanwhile). Queued events are
+counted in `prefloop_journal_records`, not in `prefloop_feedback`, whose `model_version` label
+needs the response they name."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, select
@@ -25,7 +34,7 @@ from service.protocol import (
     PairwiseFeedback,
     ThumbsFeedback,
 )
-from service.store import Feedback, Generation, GenerationChoice, GroupCommitWriter
+from service.store import Feedback, Generation, GenerationChoice, GroupCommitWriter, Queued
 
 EVENT = TypeAdapter(FeedbackEvent)
 Event = ThumbsFeedback | PairwiseFeedback
@@ -65,6 +74,14 @@ def with_header_key(event: Event, header: str | None) -> Event:
     return event
 
 
+def _key_reused() -> Conflict:
+    return Conflict(
+        "this idempotency_key was already used for a different feedback event",
+        param="idempotency_key",
+        code="idempotency_key_reused",
+    )
+
+
 def _ack(row: Feedback, replayed: bool) -> FeedbackAck:
     return FeedbackAck(id=row.id, created=int(row.created_at.timestamp()), replayed=replayed)
 
@@ -87,6 +104,8 @@ class Reads:
 
     generations: dict[str, Answered]
     keyed: dict[tuple[str, str], Feedback | None]
+    # Replayed writes whose row is already stored, by id.
+    stored: dict[str, Feedback] = field(default_factory=dict)
 
 
 def _generations(session: Session, ids: set[str]) -> dict[str, Answered]:
@@ -150,11 +169,7 @@ def _replay(row: Feedback | None, digest: str) -> Stored | None:
     if row is None:
         return None
     if row.request_hash != digest:
-        raise Conflict(
-            "this idempotency_key was already used for a different feedback event",
-            param="idempotency_key",
-            code="idempotency_key_reused",
-        )
+        raise _key_reused()
     return Stored(_ack(row, replayed=True), row.kind, "", row.a_model_version)
 
 
@@ -165,10 +180,27 @@ class FeedbackWrite:
     them (two queries for a batch of any size instead of two or three per event). Every check is
     made against those reads before anything is added to the session, so the store may `stage`
     the write (add its row, to be inserted with the others' in one statement at the end) instead
-    of calling it (its own savepoint and INSERT, where a unique-key race is answered as a retry)."""
+    of calling it (its own savepoint and INSERT, where a unique-key race is answered as a retry).
 
-    def __init__(self, principal: Principal, event: Event):
+    The row's id and time are fixed here, not when it is checked, so that a journaled event is
+    stored under the id its acknowledgement gave; replayed (`from_record`), a write whose id is
+    already stored answers as a retry and stores nothing."""
+
+    kind: ClassVar[str] = "feedback"
+
+    def __init__(
+        self,
+        principal: Principal,
+        event: Event,
+        *,
+        id: str | None = None,
+        created_at: datetime | None = None,
+        replaying: bool = False,
+    ):
         self.principal, self.event = principal, event
+        self.id = id or f"fb-{uuid.uuid4().hex}"
+        self.created_at = created_at or datetime.now(UTC)
+        self.replaying = replaying
         self.digest = request_hash(event)
         self.reads: Reads | None = None
 
@@ -191,6 +223,9 @@ class FeedbackWrite:
             _generations(session, {i for w in writes for i in w.response_ids}),
             _keyed(session, {k for w in writes if (k := w.key) is not None}),
         )
+        if replayed := [w.id for w in writes if w.replaying]:
+            rows = session.scalars(select(Feedback).where(Feedback.id.in_(replayed)))
+            reads.stored = {row.id: row for row in rows}
         for write in writes:
             write.reads = reads
 
@@ -236,17 +271,19 @@ class FeedbackWrite:
             self.prefetch(session, [self])
         reads, event, principal, key = self.reads, self.event, self.principal, self.key
         assert reads is not None
+        if (done := reads.stored.get(self.id)) is not None:
+            return reads, Stored(_ack(done, replayed=True), done.kind, "", done.a_model_version)
         if key is not None and (replay := _replay(reads.keyed[key], self.digest)):
             return reads, replay
         row = Feedback(
-            id=f"fb-{uuid.uuid4().hex}",
+            id=self.id,
             kind=event.type,
             api_key=principal.name,
             user_id=event.user_id,
             idempotency_key=event.idempotency_key,
             request_hash=self.digest,
             comment=event.comment,
-            created_at=datetime.now(UTC),
+            created_at=self.created_at,
         )
         if isinstance(event, ThumbsFeedback):
             gen = _answer(reads, principal, event.response_id, event.choice_index, "")
@@ -279,6 +316,49 @@ class FeedbackWrite:
             row.winner = event.winner
         return reads, row
 
+    # Journaling (`service.store.writer.Journaled`) ------------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal.name,
+            "scopes": sorted(self.principal.scopes),
+            "event": self.event.model_dump(mode="json"),
+            "id": self.id,
+            "created_at": self.created_at.isoformat(),
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> FeedbackWrite:
+        return cls(
+            Principal(data["principal"], frozenset(data["scopes"])),
+            EVENT.validate_python(data["event"]),
+            id=data["id"],
+            created_at=datetime.fromisoformat(data["created_at"]),
+            replaying=True,
+        )
+
+    def queued(self, pending: dict[Hashable, Any]) -> Queued[Stored]:
+        """Acknowledged without the database: a retry of an event journaled earlier (same key,
+        same body) answers with that one's ack; the same key with another body is a 409."""
+        key = self.key
+        if key is not None and (earlier := pending.get(key)) is not None:
+            if earlier.digest != self.digest:
+                raise _key_reused()
+            return Queued(earlier.queued_as(replayed=True), journal=False)
+        return Queued(self.queued_as(replayed=False), key=key)
+
+    def queued_as(self, replayed: bool) -> Stored:
+        ack = FeedbackAck(
+            id=self.id, created=int(self.created_at.timestamp()), replayed=replayed, queued=True
+        )
+        event = self.event
+        value = event.rating if isinstance(event, ThumbsFeedback) else event.winner
+        return Stored(ack, event.type, value, "")
+
+    def waits(self, error: Exception) -> bool:
+        """A response not in the database may still be in another replica's journal."""
+        return isinstance(error, NotFound) and error.code == "response_not_found"
+
 
 class FeedbackService:
     def __init__(self, writer: GroupCommitWriter, metrics: Metrics):
@@ -286,7 +366,7 @@ class FeedbackService:
         self._metrics = metrics
 
     def _count(self, stored: Stored) -> None:
-        if not stored.ack.replayed:
+        if not stored.ack.replayed and not stored.ack.queued:
             self._metrics.feedback.labels(stored.kind, stored.value, stored.model_version).inc()
 
     async def submit(self, principal: Principal, event: Event) -> FeedbackAck:
@@ -310,7 +390,7 @@ class FeedbackService:
         for i, outcome in zip(positions, await self._writer.submit_many(ops), strict=True):
             if isinstance(outcome, Stored):
                 self._count(outcome)
-                status = 200 if outcome.ack.replayed else 201
+                status = 202 if outcome.ack.queued else 200 if outcome.ack.replayed else 201
                 results[i] = BatchItemResult(index=i, status=status, feedback=outcome.ack)
             else:
                 err = outcome if isinstance(outcome, ApiError) else ApiError("not stored")

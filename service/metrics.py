@@ -146,6 +146,21 @@ class Metrics:
             "time to load a version into the engine",
             buckets=SWAP_BUCKETS,
         )
+        self.store_outage = family(
+            "gauge",
+            "prefloop_store_outage",
+            "1 while the database is unreachable and writes go to the local journal",
+        )
+        self.journal_bytes = family(
+            "gauge", "prefloop_journal_bytes", "bytes in the local journal, waiting for replay"
+        )
+        self.journal_records = family(
+            "counter",
+            "prefloop_journal_records",
+            "journaled writes by outcome: journaled, replayed, rejected, refused (journal "
+            "full), held (a replay attempt deferred: the response is not stored yet)",
+            "outcome",
+        )
         self.families = [
             self.requests,
             self.latency,
@@ -155,6 +170,9 @@ class Metrics:
             self.engine_queue,
             self.swaps,
             self.swap_seconds,
+            self.store_outage,
+            self.journal_bytes,
+            self.journal_records,
         ]
 
     def sample_in_flight(self) -> None:

@@ -173,6 +173,9 @@ class FeedbackAck(BaseModel):
     object: Literal["feedback"] = "feedback"
     created: int
     replayed: bool = False
+    # Accepted while the database was unreachable: journaled durably, stored under this id once
+    # the database is back, unless its checks then fail (HTTP 202).
+    queued: bool = False
 
 
 class BatchItemResult(BaseModel):

@@ -43,11 +43,26 @@ class VersionFollower:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="follow-version")
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.sync()
-            except Exception:  # a database hiccup must not stop the follower
-                logger.exception("could not follow the served version")
+            except Exception as exc:  # a database outage must not stop the follower
+                # Logged once per outage, not every poll: the replica keeps serving its version.
+                if not failing:
+                    logger.warning(
+                        "cannot read the served version (%s: %s); serving %s until the "
+                        "database answers",
+                        type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "",
+                        self._engine.version,
+                        exc_info=True,
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.warning("the served version is readable again: %s", self._engine.version)
+                failing = False
             await asyncio.sleep(self._poll_s)
 
     async def stop(self) -> None:

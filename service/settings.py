@@ -134,6 +134,22 @@ class EngineSettings(BaseModel):
         return self
 
 
+class JournalSettings(BaseModel):
+    """The local journal that keeps chat and feedback answering while the database is away
+    (`service/store/journal.py`); it lives in `<data_dir>/journal/`."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
+
+    # Past this, feedback is refused (503 journal_full) and chat answers without its record. At
+    # about 1 KB a vote and 2-8 KB a chat, 256 MiB holds well over an hour of a busy replica.
+    max_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    # How often an unreachable database is asked again; recovery lags the database by this much.
+    probe_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # How long a journaled vote whose response is not in the database yet is retried before it
+    # is rejected: another replica may still be replaying the journal that holds the response.
+    orphan_grace_s: float = Field(default=600.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything `prefloop serve` needs; one instance is built at start-up and passed down."""
 
@@ -169,11 +185,15 @@ class Settings(BaseSettings):
     # the engine always has the next request ready.
     max_ongoing_requests: int = Field(default=64, ge=1)
     feedback_batch_max: int = Field(default=256, ge=1, description="most writes in one transaction")
+    # Writes waiting for the database; past it feedback gets 503 with Retry-After. At least one
+    # full feedback batch request (1,000 events) must fit.
+    write_queue_max: int = Field(default=10_000, ge=1000)
     # How often a replica looks for a new promotion; promote -> serving is this plus the reload.
     swap_poll_s: float = Field(default=0.25, gt=0, le=10)
     health_check_period_s: float = Field(default=5.0, gt=0)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -81,17 +81,22 @@ def engine() -> FakeEngine:
     return FakeEngine()
 
 
-@pytest.fixture
-def registry(store: Store, tmp_path) -> Registry:
-    base = tmp_path / "models" / "base-model"
+def base_registry(store: Store, data_dir: Path) -> Registry:
+    """A registry in `data_dir` serving a stand-in base model."""
+    base = data_dir / "models" / "base-model"
     base.mkdir(parents=True)
     # The files a cycle checks for before it starts (`training.cycle.check_model_files`).
     for name in ("config.json", "tokenizer_config.json"):
         (base / name).write_text("{}")
     (base / "model.safetensors").write_bytes(b"")
-    reg = Registry(store, tmp_path)
+    reg = Registry(store, data_dir)
     reg.ensure_base(base)
     return reg
+
+
+@pytest.fixture
+def registry(store: Store, tmp_path) -> Registry:
+    return base_registry(store, tmp_path)
 
 
 @pytest.fixture

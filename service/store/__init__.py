@@ -1,6 +1,8 @@
 """The system of record: generations, feedback, model versions, preference snapshots and training
-runs (SQLAlchemy 2, Alembic migrations)."""
+runs (SQLAlchemy 2, Alembic migrations), and the local journal that holds writes while the
+database is unreachable."""
 
+from service.store.journal import Journal
 from service.store.schema import (
     Feedback,
     Generation,
@@ -11,7 +13,7 @@ from service.store.schema import (
     TrainingRun,
 )
 from service.store.store import DatabaseUnreachable, Store, used_feedback_ids
-from service.store.writer import GroupCommitWriter
+from service.store.writer import GroupCommitWriter, Journaled, Queued
 
 __all__ = [
     "DatabaseUnreachable",
@@ -19,9 +21,12 @@ __all__ = [
     "Generation",
     "GenerationChoice",
     "GroupCommitWriter",
+    "Journal",
+    "Journaled",
     "ModelVersion",
     "PreferenceSnapshot",
     "Promotion",
+    "Queued",
     "Store",
     "TrainingRun",
     "used_feedback_ids",

@@ -19,6 +19,7 @@ from service.store.schema import Feedback, Generation, PreferenceSnapshot
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
+CONNECT_TIMEOUT_S = 5
 
 
 class DatabaseUnreachable(RuntimeError):
@@ -94,7 +95,11 @@ class Store:
             self._write_engine = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
             self._read_engine = _sqlite_engine(url, begin="BEGIN")
         else:
-            self._write_engine = self._read_engine = create_engine(url, pool_pre_ping=True)
+            # A bounded connect: while the database is away the writer journals, and its probe
+            # and commits must fail in seconds, not after the kernel's TCP retries (minutes).
+            self._write_engine = self._read_engine = create_engine(
+                url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+            )
         self._writes = sessionmaker(self._write_engine, expire_on_commit=False)
         self._reads = sessionmaker(self._read_engine, expire_on_commit=False)
 
@@ -114,6 +119,11 @@ class Store:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
             conn.commit()
+
+    def ping(self) -> None:
+        """One round trip to the database; raises what the driver raises when it cannot."""
+        with self._read_engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
 
     def close(self) -> None:
         self._write_engine.dispose()

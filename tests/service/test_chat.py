@@ -14,8 +14,11 @@ QUESTION = [{"role": "user", "content": "How do I cancel my subscription?"}]
 
 
 def parse_sse(body: str) -> tuple[list[dict], bool]:
+    """The data events of an SSE body and whether it ended with [DONE]; comments are skipped."""
     events, done = [], False
     for block in body.strip().split("\n\n"):
+        if block.startswith(":"):
+            continue
         assert block.startswith("data: "), block
         payload = block[len("data: ") :]
         if payload == "[DONE]":
@@ -28,6 +31,7 @@ def parse_sse(body: str) -> tuple[list[dict], bool]:
 async def test_completion_shape_and_record(client, store, engine):
     r = await client.post("/v1/chat/completions", json={"messages": QUESTION, "n": 2, "seed": 7})
     assert r.status_code == 200, r.text
+    assert r.headers["Prefloop-Record"] == "stored"
     body = r.json()
     assert body["object"] == "chat.completion"
     assert body["system_fingerprint"] == engine.version
@@ -75,6 +79,8 @@ async def test_stream_chunks_concatenate_to_stored_text(client, store):
     assert r.headers["content-type"].startswith("text/event-stream")
     events, done = parse_sse(r.text)
     assert done
+    # The record's outcome, in-band: the headers left before it was written.
+    assert r.text.endswith(": prefloop-record: stored\n\ndata: [DONE]\n\n")
     ids = {e["id"] for e in events}
     assert len(ids) == 1
     texts, finishes = ["", ""], [None, None]
