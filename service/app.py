@@ -178,7 +178,12 @@ def _policy_routes(
 ) -> None:
     chat = ChatService(engine, writer, metrics, default_max_tokens, limiter.charge)
     Chat = Annotated[Principal, Depends(scopes("chat"))]
-    stream = _content("text/event-stream", "the completion, or with `stream` its SSE chunks")
+    # One SSE event: `data` is a JSON `chat.completion.chunk`, then `[DONE]`.
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    stream = {
+        "description": "the completion, or with `stream` its server-sent events",
+        "content": {"text/event-stream": {"schema": event}},
+    }
 
     @app.post(
         CHAT_PATH,
