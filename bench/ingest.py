@@ -72,9 +72,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def bare_app(keys: list[Any]) -> Any:
     """prefloop's feedback routes with the storage cut out: the principal and scope
-    dependencies, `parse_event`, the Idempotency-Key check and the error handlers are prefloop's
-    own; the ack gets a fresh id instead of a row."""
-    from fastapi import Body, Depends, FastAPI, Header, Response
+    dependencies, the event's validation, the Idempotency-Key check and the error handlers are
+    prefloop's own; the ack gets a fresh id instead of a row."""
+    from fastapi import Depends, FastAPI, Header, Response, Security
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
     from service.auth import Authenticator, Principal
     from service.errors import Unprocessable, install_error_handlers
@@ -84,14 +85,18 @@ def bare_app(keys: list[Any]) -> Any:
         FeedbackAck,
         FeedbackBatchRequest,
         FeedbackBatchResponse,
+        FeedbackEvent,
     )
 
     authenticator = Authenticator(keys)
+    bearer = HTTPBearer(auto_error=False)
     app = FastAPI(title="bare feedback")
     install_error_handlers(app)
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
-        return authenticator(authorization)
+    def principal(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ) -> Principal:
+        return authenticator(credentials.credentials if credentials else None)
 
     def voter(caller: Annotated[Principal, Depends(principal)]) -> Principal:
         return caller.require("feedback")
@@ -107,12 +112,12 @@ def bare_app(keys: list[Any]) -> Any:
 
     @app.post("/v1/feedback", status_code=201)
     async def post_feedback(
-        raw: Annotated[dict, Body()],
+        event: FeedbackEvent,
         who: Voter,
         response: Response,
-        idempotency_key: Annotated[str | None, Header()] = None,
+        idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
     ) -> FeedbackAck:
-        with_header_key(parse_event(raw), idempotency_key)
+        with_header_key(event, idempotency_key)
         return ack()
 
     @app.post("/v1/feedback/batch")

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 
+from service.request_ids import configure_logging
 from service.settings import SettingsError, load_settings
 from service.store import DatabaseUnreachable
 
@@ -211,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.config:
         os.environ["PREFLOOP_CONFIG"] = args.config
-    logging.basicConfig(
-        level=os.environ.get("PREFLOOP_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(os.environ.get("PREFLOOP_LOG_LEVEL", "INFO"))
     try:
         return args.run(args)
     except (SettingsError, DatabaseUnreachable) as exc:

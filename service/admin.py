@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import func, select
 
 from service.auth import Principal
-from service.errors import Conflict
+from service.errors import AUTH_ERRORS, BODY_ERRORS, Conflict, documented
 from service.policy import Policy
 from service.protocol import RewardScore, RewardScores, ScoreRequest
 from service.registry import REWARD_KIND, Registry
@@ -127,7 +127,7 @@ def score_answers(registry: Registry, scorers: ScorerCache, req: ScoreRequest) -
 
 
 def admin_router(registry: Registry, policy: Policy, scorers: ScorerCache, admin: Any) -> APIRouter:
-    router = APIRouter(prefix="/v1/admin")
+    router = APIRouter(prefix="/v1/admin", responses=documented(*AUTH_ERRORS))
     Admin = Annotated[Principal, Depends(admin)]
 
     @router.get("/versions")
@@ -136,12 +136,12 @@ def admin_router(registry: Registry, policy: Policy, scorers: ScorerCache, admin
         served = (await asyncio.to_thread(registry.served)).version.id
         return {"object": "list", "served": served, "data": [version_view(v) for v in versions]}
 
-    @router.get("/versions/{version_id}")
+    @router.get("/versions/{version_id}", responses=documented(404, 422))
     async def get_version(version_id: str, _: Admin) -> dict:
         v = await asyncio.to_thread(registry.get, version_id)
         return {**version_view(v), "manifest": v.manifest}
 
-    @router.post("/versions/{version_id}/promote")
+    @router.post("/versions/{version_id}/promote", responses=documented(404, 409, 422, 503))
     async def promote(version_id: str, who: Admin) -> dict:
         promo = await asyncio.to_thread(registry.promote, version_id, who.name)
         # One policy replica swaps before this answers; the others follow within their poll
@@ -159,12 +159,12 @@ def admin_router(registry: Registry, policy: Policy, scorers: ScorerCache, admin
     async def status(_: Admin) -> dict:
         return await asyncio.to_thread(loop_status, registry)
 
-    @router.post("/train", status_code=202)
+    @router.post("/train", status_code=202, responses=documented(409))
     async def train(who: Admin) -> dict:
         run = await asyncio.to_thread(queue_run, registry.store, "manual", who.name)
         return run_view(run) or {}
 
-    @router.post("/score")
+    @router.post("/score", responses=documented(*BODY_ERRORS, 404, 409))
     async def score(req: ScoreRequest, _: Admin) -> RewardScores:
         return await asyncio.to_thread(score_answers, registry, scorers, req)
 

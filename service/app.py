@@ -12,18 +12,27 @@ app over one engine (the fast tests, and anything that runs without Serve).
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Header, Query
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI, Header, Query, Request, Security
+from fastapi.responses import Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import export
 from service.admin import admin_router
+from service.admission import Admission
 from service.auth import Authenticator, Principal
 from service.chat import ChatService, GenerationRecord
 from service.engine import PolicyEngine
-from service.errors import ApiError, install_error_handlers
-from service.feedback import FeedbackService, FeedbackWrite, parse_event, with_header_key
+from service.errors import (
+    AUTH_ERRORS,
+    BODY_ERRORS,
+    CatchAll,
+    documented,
+    install_error_handlers,
+)
+from service.feedback import FeedbackService, FeedbackWrite, with_header_key
+from service.limits import BodyLimit, check_prompt
 from service.metrics import Metrics
 from service.policy import LocalPolicy, Policy
 from service.protocol import (
@@ -33,13 +42,16 @@ from service.protocol import (
     FeedbackAck,
     FeedbackBatchRequest,
     FeedbackBatchResponse,
+    FeedbackEvent,
     ModelCard,
     ModelList,
 )
+from service.ratelimit import RateLimiter
 from service.registry import Registry
+from service.request_ids import RequestIds
 from service.rollout import VersionFollower
 from service.scoring import ScorerCache
-from service.settings import JournalSettings, Scope
+from service.settings import JournalSettings, LimitsSettings, Scope
 from service.store import GroupCommitWriter, Journal
 
 ROUTES = frozenset(
@@ -59,6 +71,13 @@ ROUTES = frozenset(
     }
 )
 CHAT_PREFIX = "/v1/chat"  # the policy half's routes, as Serve's proxy routes them
+CHAT_PATH = "/v1/chat/completions"
+PUBLIC_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
+
+
+def _content(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
 
 
 class _RequestMetrics:
@@ -101,11 +120,19 @@ class _AbsolutePaths:
 
 
 class _Scopes:
-    """The route dependencies that authenticate the caller and check one scope."""
+    """The route dependencies that authenticate the caller, charge its key's request rate and
+    check one scope. The bearer scheme is declared so that the OpenAPI document says how to
+    authenticate."""
 
-    def __init__(self, authenticator: Authenticator):
-        def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
-            return authenticator(authorization)
+    def __init__(self, authenticator: Authenticator, limiter: RateLimiter):
+        bearer = HTTPBearer(auto_error=False, description="an API key")
+
+        def principal(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+        ) -> Principal:
+            caller = authenticator(credentials.credentials if credentials else None)
+            limiter.admit(caller.name)
+            return caller
 
         self.caller = principal
 
@@ -140,11 +167,24 @@ def _writer(
     )
 
 
-def _new_app(metrics: Metrics, lifespan: Callable) -> FastAPI:
+def _new_app(
+    metrics: Metrics,
+    lifespan: Callable,
+    limits: LimitsSettings,
+    echo_request_id: bool,
+    admission: Admission | None = None,
+) -> FastAPI:
     app = FastAPI(title="prefloop", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(_RequestMetrics, metrics=metrics)
+    # Added innermost first. The body is read (bounded) before a chat is admitted, so a client
+    # that trickles its body holds no admission slot.
+    if admission is not None:
+        app.add_middleware(admission.middleware, path=CHAT_PATH)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(_AbsolutePaths)
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+    app.add_middleware(CatchAll)
+    app.add_middleware(RequestIds, echo=echo_request_id)
     return app
 
 
@@ -154,17 +194,32 @@ def _policy_routes(
     writer: GroupCommitWriter,
     metrics: Metrics,
     scopes: _Scopes,
+    limiter: RateLimiter,
+    limits: LimitsSettings,
     default_max_tokens: int,
 ) -> None:
-    chat = ChatService(engine, writer, metrics, default_max_tokens)
+    chat = ChatService(engine, writer, metrics, default_max_tokens, limiter.charge)
     Chat = Annotated[Principal, Depends(scopes("chat"))]
+    # One SSE event: `data` is a JSON `chat.completion.chunk`, then `[DONE]`.
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    stream = {
+        "description": "the completion, or with `stream` its server-sent events",
+        "content": {"text/event-stream": {"schema": event}},
+    }
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(
+        CHAT_PATH,
+        response_model=ChatCompletion,
+        responses={200: stream, **documented(*BODY_ERRORS, *AUTH_ERRORS, 503)},
+    )
     async def chat_completions(
-        req: ChatCompletionRequest, who: Chat, response: Response
+        req: ChatCompletionRequest, who: Chat, request: Request, response: Response
     ) -> ChatCompletion | Response:
+        limiter.admit_completion(who.name)
+        check_prompt(engine, req.messages, limits.max_messages)
+        await request.state.admission.wait_for_engine()
         if req.stream:
-            body = chat.start_stream(req, who.name)
+            body = await chat.start_stream(req, who.name)
             return StreamingResponse(
                 body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
@@ -191,45 +246,58 @@ def _api_routes(
 
     app.include_router(admin_router(registry, policy, scorers, scopes("admin")))
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        try:
-            version = await policy.ready()
-        except ApiError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
-        return JSONResponse({"status": "ready", "model_version": version})
+    @app.get("/readyz", responses=documented(503))
+    async def readyz() -> dict:
+        return {"status": "ready", "model_version": await policy.ready()}
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: _content(METRICS_MEDIA_TYPE, "Prometheus text format")},
+    )
     async def prometheus() -> Response:
-        return Response(await metrics.exposition(), media_type="text/plain; version=0.0.4")
+        return Response(await metrics.exposition(), media_type=METRICS_MEDIA_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(*AUTH_ERRORS, 503))
     async def models(_: Chat) -> ModelList:
         card = ModelCard(
             id=policy.model_name, created=int(time.time()), version=await policy.version()
         )
         return ModelList(data=[card])
 
-    @app.post("/v1/feedback", status_code=201)
+    @app.post(
+        "/v1/feedback",
+        status_code=201,
+        responses={
+            200: {"model": FeedbackAck, "description": "a retry: the first event's ack"},
+            **documented(*BODY_ERRORS, *AUTH_ERRORS, 404, 409),
+        },
+    )
     async def post_feedback(
-        raw: Annotated[dict, Body()],
+        event: FeedbackEvent,
         who: Voter,
         response: Response,
-        idempotency_key: Annotated[str | None, Header()] = None,
+        idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
     ) -> FeedbackAck:
-        event = with_header_key(parse_event(raw), idempotency_key)
-        ack = await feedback.submit(who, event)
+        ack = await feedback.submit(who, with_header_key(event, idempotency_key))
         if ack.queued:
             response.status_code = 202
         elif ack.replayed:
             response.status_code = 200
         return ack
 
-    @app.post("/v1/feedback/batch")
+    @app.post("/v1/feedback/batch", responses=documented(*BODY_ERRORS, *AUTH_ERRORS))
     async def post_feedback_batch(batch: FeedbackBatchRequest, who: Voter) -> FeedbackBatchResponse:
         return FeedbackBatchResponse(data=await feedback.submit_batch(who, batch.events))
 
-    @app.get("/v1/preferences/export")
+    @app.get(
+        "/v1/preferences/export",
+        response_class=StreamingResponse,
+        responses={
+            200: _content("application/x-ndjson", "one preference row per line"),
+            **documented(*AUTH_ERRORS, 422),
+        },
+    )
     async def export_preferences(
         _: Admin, format: Annotated[ExportFormat, Query()] = "trl"
     ) -> StreamingResponse:
@@ -256,11 +324,20 @@ def build_policy_app(
     swap_poll_s: float = 0.25,
     write_queue_max: int = 10_000,
     journal: JournalSettings | None = None,
+    limits: LimitsSettings | None = None,
+    max_num_seqs: int = 32,
+    echo_request_id: bool = True,
 ) -> tuple[FastAPI, LocalPolicy]:
-    """A policy replica's app, and the `Policy` that the API half reaches it through."""
+    """A policy replica's app, and the `Policy` that the API half reaches it through. The engine
+    runs `max_num_seqs` chats at once (its batch size): admission lets that many run."""
+    limits = limits or LimitsSettings()
     metrics = Metrics(in_flight=lambda: engine.in_flight)
     writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
     follower = VersionFollower(engine, registry, swap_poll_s, metrics)
+    limiter = _limiter(limits)
+    admission = Admission(
+        limits.max_admitted_chats or 2 * max_num_seqs, max_num_seqs, limits.queue_timeout_s
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -272,9 +349,11 @@ def build_policy_app(
         await follower.stop()
         await writer.close()
 
-    app = _new_app(metrics, lifespan)
+    app = _new_app(metrics, lifespan, limits, echo_request_id, admission)
     app.state.writer, app.state.metrics, app.state.follower = writer, metrics, follower
-    _policy_routes(app, engine, writer, metrics, _Scopes(authenticator), default_max_tokens)
+    app.state.limiter, app.state.admission = limiter, admission
+    scopes = _Scopes(authenticator, limiter)
+    _policy_routes(app, engine, writer, metrics, scopes, limiter, limits, default_max_tokens)
     return app, LocalPolicy(engine, follower)
 
 
@@ -286,10 +365,14 @@ def build_api_app(
     feedback_batch_max: int = 256,
     write_queue_max: int = 10_000,
     journal: JournalSettings | None = None,
+    limits: LimitsSettings | None = None,
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """The API replica's app: every route but chat."""
+    limits = limits or LimitsSettings()
     metrics = Metrics(in_flight=lambda: 0)
     writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
+    limiter = _limiter(limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -297,10 +380,10 @@ def build_api_app(
         yield
         await writer.close()
 
-    app = _new_app(metrics, lifespan)
-    app.state.writer, app.state.metrics = writer, metrics
+    app = _new_app(metrics, lifespan, limits, echo_request_id)
+    app.state.writer, app.state.metrics, app.state.limiter = writer, metrics, limiter
     _healthz(app)
-    _api_routes(app, policy, registry, writer, metrics, _Scopes(authenticator))
+    _api_routes(app, policy, registry, writer, metrics, _Scopes(authenticator, limiter))
     return app
 
 
@@ -314,8 +397,10 @@ def build_app(
     swap_poll_s: float = 0.25,
     write_queue_max: int = 10_000,
     journal: JournalSettings | None = None,
+    limits: LimitsSettings | None = None,
+    max_num_seqs: int = 32,
 ) -> FastAPI:
-    """Both halves in one app over one engine, sharing its writer and metrics."""
+    """Both halves in one app over one engine, sharing its writer, metrics and rate limits."""
     app, policy = build_policy_app(
         engine,
         registry,
@@ -325,8 +410,15 @@ def build_app(
         swap_poll_s=swap_poll_s,
         write_queue_max=write_queue_max,
         journal=journal,
+        limits=limits,
+        max_num_seqs=max_num_seqs,
     )
     _healthz(app)
     state = app.state
-    _api_routes(app, policy, registry, state.writer, state.metrics, _Scopes(authenticator))
+    scopes = _Scopes(authenticator, state.limiter)
+    _api_routes(app, policy, registry, state.writer, state.metrics, scopes)
     return app
+
+
+def _limiter(limits: LimitsSettings) -> RateLimiter:
+    return RateLimiter(limits.requests_per_s, limits.burst, limits.completion_tokens_per_min)

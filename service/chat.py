@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.engine import PolicyEngine, Sampling, resolve_max_tokens
-from service.errors import ApiError, RetryLater
+from service.errors import ApiError, Overloaded
 from service.metrics import Metrics
 from service.protocol import (
     AssistantMessage,
@@ -161,11 +161,14 @@ class GenerationRecord:
             replaying=True,
         )
 
-    def queued(self, pending: dict) -> Queued[Recorded]:
+    def queued(self, pending: Mapping) -> Queued[Recorded]:
         return Queued("journaled")
 
     def waits(self, error: Exception) -> bool:
         return False
+
+    def stored_key(self, result: object) -> None:
+        return None  # a generation is never retried: its id is made here
 
 
 class ChatService:
@@ -175,18 +178,22 @@ class ChatService:
         writer: GroupCommitWriter,
         metrics: Metrics,
         default_max_tokens: int,
+        charge: Callable[[str, int], None] = lambda api_key, completion_tokens: None,
     ):
         self._engine = engine
         self._writer = writer
         self._metrics = metrics
         self._default_max_tokens = default_max_tokens
+        self._charge = charge  # completion tokens against the key's rate limit
 
-    def _start(self, req: ChatCompletionRequest, api_key: str) -> _Run:
+    async def _start(self, req: ChatCompletionRequest, api_key: str) -> _Run:
         # Refused before the engine does any work: a generation whose record cannot be queued
         # would be answered and never stored.
         self._writer.check_room()
         messages = [m.model_dump() for m in req.messages]
-        prompt = self._engine.render_prompt(messages)
+        # Tokenising a long prompt takes CPU time (about 0.8 s for 150k characters on the CPU box):
+        # in a thread, so that other requests and the health checks go on meanwhile.
+        prompt = await asyncio.to_thread(self._engine.render_prompt, messages)
         max_tokens = resolve_max_tokens(
             self._engine, len(prompt), req.token_limit, self._default_max_tokens
         )
@@ -209,17 +216,21 @@ class ChatService:
         )
 
     async def _steps(self, run: _Run) -> AsyncIterator[list[tuple[int, str, str | None]]]:
-        """Drive the engine, accumulating into `run`; yields (index, new text, finish) per step."""
-        async for step in self._engine.generate(run.id, run.prompt_token_ids, run.sampling):
-            if run.version is None:
-                run.version = step.version
-                self._metrics.ttft.observe(time.time() - run.created)
-            deltas = step.deltas
-            for d in deltas:
-                run.texts[d.index] += d.text
-                run.token_ids[d.index].extend(d.token_ids)
-                run.finish[d.index] = d.finish_reason or run.finish[d.index]
-            yield [(d.index, d.text, d.finish_reason) for d in deltas]
+        """Drive the engine, accumulating into `run`; yields (index, new text, finish) per step.
+        What was generated is charged to the key even when the client leaves mid-stream."""
+        try:
+            async for step in self._engine.generate(run.id, run.prompt_token_ids, run.sampling):
+                if run.version is None:
+                    run.version = step.version
+                    self._metrics.ttft.observe(time.time() - run.created)
+                deltas = step.deltas
+                for d in deltas:
+                    run.texts[d.index] += d.text
+                    run.token_ids[d.index].extend(d.token_ids)
+                    run.finish[d.index] = d.finish_reason or run.finish[d.index]
+                yield [(d.index, d.text, d.finish_reason) for d in deltas]
+        finally:
+            self._charge(run.api_key, run.completion_tokens)
         self._metrics.tokens.labels("prompt", str(run.version)).inc(len(run.prompt_token_ids))
         self._metrics.tokens.labels("completion", str(run.version)).inc(run.completion_tokens)
 
@@ -245,14 +256,14 @@ class ChatService:
         reports (`Prefloop-Record`)."""
         try:
             return await self._writer.submit(self._record(run), bounded=False)
-        except RetryLater as full:  # the journal is full: the answer goes out, the record not
+        except Overloaded as full:  # the journal is full: the answer goes out, the record not
             logger.warning("generation %s answered without its record: %s", run.id, full)
             return "dropped"
 
     async def complete(
         self, req: ChatCompletionRequest, api_key: str
     ) -> tuple[ChatCompletion, Recorded]:
-        run = self._start(req, api_key)
+        run = await self._start(req, api_key)
         async for _ in self._steps(run):
             pass
         recorded = await self._store(run)
@@ -272,9 +283,9 @@ class ChatService:
             ],
         ), recorded
 
-    def start_stream(self, req: ChatCompletionRequest, api_key: str) -> AsyncIterator[str]:
+    async def start_stream(self, req: ChatCompletionRequest, api_key: str) -> AsyncIterator[str]:
         """Validates now (so errors are plain HTTP errors) and returns the SSE body generator."""
-        run = self._start(req, api_key)
+        run = await self._start(req, api_key)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return self._stream(run, include_usage)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ray import serve
 
@@ -21,6 +22,7 @@ from service.auth import Authenticator
 from service.engine import VllmEngine
 from service.errors import EngineUnavailable
 from service.registry import Registry
+from service.request_ids import configure_logging
 from service.settings import Settings, SettingsError, load_settings
 from service.store import Store
 
@@ -43,6 +45,7 @@ class PolicyReplica:
     replaces the replica. The API replica calls `version`, `ready` and `sync` through a handle."""
 
     async def __init__(self, settings: Settings):  # type: ignore[misc] # Serve awaits it
+        configure_logging(os.environ.get("PREFLOOP_LOG_LEVEL", "INFO"))
         registry = Registry(Store(settings.resolved_database_url), settings.data_dir)
         # A new or replacement replica starts on whatever is served now.
         served = registry.served()
@@ -58,6 +61,10 @@ class PolicyReplica:
             swap_poll_s=settings.swap_poll_s,
             write_queue_max=settings.write_queue_max,
             journal=settings.journal,
+            limits=settings.limits,
+            max_num_seqs=settings.engine.max_num_seqs,
+            # Serve's proxy answers with the id it put on the request, the one logged here.
+            echo_request_id=False,
         )
 
     def __serve_build_asgi_app__(self):
@@ -121,6 +128,7 @@ class ApiReplica:
     """Every route but chat, without an engine: cheap to start and to restart."""
 
     def __init__(self, settings: Settings, policy_app: str):
+        configure_logging(os.environ.get("PREFLOOP_LOG_LEVEL", "INFO"))
         registry = Registry(Store(settings.resolved_database_url), settings.data_dir)
         self._app = build_api_app(
             ServePolicy(settings.served_model_name, policy_app),
@@ -129,6 +137,8 @@ class ApiReplica:
             feedback_batch_max=settings.feedback_batch_max,
             write_queue_max=settings.write_queue_max,
             journal=settings.journal,
+            limits=settings.limits,
+            echo_request_id=False,
         )
 
     def __serve_build_asgi_app__(self):
@@ -154,6 +164,8 @@ def policy_application(settings: Settings) -> serve.Application:
         name="policy",
         **replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
+        # Past this many waiting for a replica, Serve answers 503 itself: the queue is bounded.
+        max_queued_requests=settings.limits.max_queued_requests,
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=max(10.0, settings.health_check_period_s * 2),
         ray_actor_options={"num_cpus": settings.replica_num_cpus},
@@ -166,6 +178,7 @@ def api_application(settings: Settings, policy_app: str) -> serve.Application:
         name="api",
         num_replicas=settings.api_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.limits.max_queued_requests,
         health_check_period_s=settings.health_check_period_s,
         ray_actor_options={"num_cpus": 0},
     )(ApiReplica)

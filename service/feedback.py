@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -337,7 +337,7 @@ class FeedbackWrite:
             replaying=True,
         )
 
-    def queued(self, pending: dict[Hashable, Any]) -> Queued[Stored]:
+    def queued(self, pending: Mapping[Hashable, Any]) -> Queued[Stored]:
         """Acknowledged without the database: a retry of an event journaled earlier (same key,
         same body) answers with that one's ack; the same key with another body is a 409."""
         key = self.key
@@ -358,6 +358,12 @@ class FeedbackWrite:
     def waits(self, error: Exception) -> bool:
         """A response not in the database may still be in another replica's journal."""
         return isinstance(error, NotFound) and error.code == "response_not_found"
+
+    def stored_key(self, result: object) -> tuple[str, str] | None:
+        """Its idempotency key once its own row is stored (not when it answered as a retry)."""
+        if isinstance(result, Stored) and result.ack.id == self.id and not result.ack.replayed:
+            return self.key
+        return None
 
 
 class FeedbackService:

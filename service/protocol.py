@@ -221,3 +221,19 @@ class RewardScores(BaseModel):
     object: Literal["reward.scores"] = "reward.scores"
     reward_model: str
     data: list[RewardScore]
+
+
+# Errors --------------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, OpenAI's shape (`service.errors`)."""
+
+    error: ErrorBody

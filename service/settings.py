@@ -150,6 +150,38 @@ class JournalSettings(BaseModel):
     orphan_grace_s: float = Field(default=600.0, ge=0)
 
 
+class LimitsSettings(BaseModel):
+    """What one request, one API key and one replica may ask for, checked before the work."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a no-op
+
+    # Refused with 413 as soon as the bytes pass it (before the body is read whole). The longest
+    # prompt the default context can hold is ~166k characters (2048 tokens of at most 81 on the
+    # embedded model's tokenizer), 1-2 MB even as JSON \u escapes.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # The whole body must arrive within this, or 408 and the connection is closed: a client that
+    # trickles its body (slowloris) holds a connection this long at most. 4 MiB in 30 s is ~1.1
+    # Mbit/s.
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    # Checked before the prompt is tokenised, as is its length in characters against the context
+    # (no token of the tokenizer is longer than `PolicyEngine.max_chars_per_token`).
+    max_messages: int = Field(default=256, ge=1)
+    # Chats a policy replica holds at once, running or waiting for the engine; past it a chat is
+    # refused at once with 503 and Retry-After. None: twice engine.max_num_seqs, so a full batch
+    # runs and the next one waits ready.
+    max_admitted_chats: int | None = Field(default=None, ge=1)
+    # A chat that waited this long in the replica without an engine slot (the engine runs
+    # engine.max_num_seqs at once) is refused with 503 rather than served late.
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # Serve's queue in front of each deployment's replicas (per proxy); Serve answers 503 past
+    # it instead of queueing without bound.
+    max_queued_requests: int = Field(default=64, ge=1)
+    # Per API key and per replica (token buckets); None: no limit.
+    requests_per_s: float | None = Field(default=None, gt=0)
+    burst: int = Field(default=20, ge=1, description="requests a key may make at once")
+    completion_tokens_per_min: int | None = Field(default=None, ge=1)
+
+
 class Settings(BaseSettings):
     """Everything `prefloop serve` needs; one instance is built at start-up and passed down."""
 
@@ -194,6 +226,7 @@ class Settings(BaseSettings):
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     journal: JournalSettings = Field(default_factory=JournalSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @classmethod
     def settings_customise_sources(

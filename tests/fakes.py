@@ -18,6 +18,7 @@ from service.errors import EngineUnavailable
 
 class FakeEngine:
     model_name = "prefloop"
+    max_chars_per_token = 1  # a token is a character
 
     def __init__(self, version: str = "base", max_model_len: int = 2048):
         self.max_model_len = max_model_len

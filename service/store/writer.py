@@ -32,11 +32,11 @@ The journal holds at most `max_bytes`: a write that does not fit is refused with
 `journal_full` and `Retry-After` (chat answers anyway and drops its record; see `service.chat`).
 
 Idempotency keys while journaling: a retry of a journaled event (same key, same body) gets the
-first one's ack again, from an in-memory index that lives until the journal is replayed; a reused
-key with another body is a 409 at once. The index is this process's: a retry sent to another
-replica, or of an event stored before the outage, is journaled again with an ack of its own, and
-replay stores nothing for it (it is the same event), so that ack's id never appears in the
-database.
+first one's ack again, from an in-memory index that lives until the journal is replayed, and so
+does a retry of one of the newest `RECENT_KEYS` events this process stored before the outage; a
+reused key with another body is a 409 at once. The index is this process's: a retry sent to
+another replica, or of an older event, is journaled again with an ack of its own, and replay
+stores nothing for it (it is the same event), so that ack's id never appears in the database.
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections import ChainMap, OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from service.errors import ApiError, RetryLater
+from service.errors import ApiError, Overloaded
 from service.metrics import Metrics
 from service.store.journal import Entry, Journal, Segment
 from service.store.store import Store
@@ -63,6 +64,9 @@ T = TypeVar("T")
 # A full journal means an outage longer than the disk allows; retrying within a second or two
 # would only be refused again.
 JOURNAL_FULL_RETRY_S = 5
+# Keyed writes remembered per kind after their commit (see `_recent`): clients retry within
+# seconds, and ten thousand keys cost a few MB.
+RECENT_KEYS = 10_000
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,18 @@ class Journaled(Protocol):
         """The op that replays `data`; it stores nothing when its row is already there."""
         ...
 
-    def queued(self, pending: dict[Hashable, Any]) -> Queued:
+    def queued(self, pending: Mapping[Hashable, Any]) -> Queued:
         """The answer while journaled. `pending` maps the keys of this kind's journaled writes
         to their ops; raises an `ApiError` for a write refused without the database."""
         ...
 
     def waits(self, error: Exception) -> bool:
         """Whether `error` on replay may clear once other journals are replayed."""
+        ...
+
+    def stored_key(self, result: Any) -> Hashable | None:
+        """The key by which a retry of this committed write is known (see `queued`), or None:
+        it has none, or `result` is not a new row of its own."""
         ...
 
 
@@ -156,6 +165,9 @@ class GroupCommitWriter:
         self._orphan_grace_s = orphan_grace_s
         self._metrics = metrics
         self._pending: dict[str, dict[Hashable, Any]] = {}
+        # The newest keyed writes committed, per kind: a retry of one of them that arrives during
+        # an outage is answered as its retry, not journaled as a new event.
+        self._recent: dict[str, OrderedDict[Hashable, Any]] = {}
         self._down = False  # the database did not answer; the probe runs
         self._db_up = asyncio.Event()
         self._probe_task: asyncio.Task | None = None
@@ -173,7 +185,7 @@ class GroupCommitWriter:
     def check_room(self, n: int = 1) -> None:
         """Refuse, with 503 and `Retry-After: 1`, when `n` more writes would overfill the queue."""
         if self._queue.qsize() + n > self._queue_max:
-            raise RetryLater(
+            raise Overloaded(
                 "too many writes are waiting for the database; retry shortly",
                 retry_after=1,
                 code="write_queue_full",
@@ -285,9 +297,19 @@ class GroupCommitWriter:
         if journaled:
             self._go_down(next(r for r in results if _lost(r)))
             await self._journal_batch([w for w, r in zip(batch, results, strict=True) if _lost(r)])
-        for (_, fut), result in zip(batch, results, strict=True):
+        for (op, fut), result in zip(batch, results, strict=True):
             if not (journaled and _lost(result)):
+                self._remember(op, result)
                 _resolve(fut, result)
+
+    def _remember(self, op: Any, result: Any) -> None:
+        if not isinstance(op, Journaled) or isinstance(result, BaseException):
+            return
+        if (key := op.stored_key(result)) is not None:
+            recent = self._recent.setdefault(op.kind, OrderedDict())
+            recent[key] = op
+            if len(recent) > RECENT_KEYS:
+                recent.popitem(last=False)
 
     async def _journal_batch(self, batch: list[Waiting]) -> None:
         """Append the batch's writes to the journal with one fsync, then answer them queued."""
@@ -300,11 +322,11 @@ class GroupCommitWriter:
         for op, fut in batch:
             try:
                 if not isinstance(op, Journaled):
-                    raise RetryLater(
+                    raise Overloaded(
                         "the database is unreachable", retry_after=1, code="database_unavailable"
                     )
                 pending = self._pending.setdefault(op.kind, {})
-                queued = op.queued(pending)
+                queued = op.queued(ChainMap(pending, self._recent.get(op.kind, {})))
                 if queued.journal:
                     frame = Entry(op.kind, time.time(), op.to_record()).frame()
                     if len(frame) > room:
@@ -323,7 +345,7 @@ class GroupCommitWriter:
             logger.exception("cannot write the journal %s", journal.path)
             for pending, key in registered:
                 pending.pop(key, None)
-            refused = RetryLater(
+            refused = Overloaded(
                 f"cannot write the local journal ({exc.strerror})",
                 retry_after=JOURNAL_FULL_RETRY_S,
                 code="journal_unavailable",
@@ -335,7 +357,7 @@ class GroupCommitWriter:
         for fut, answer in answers:
             _resolve(fut, answer)
 
-    def _full(self) -> RetryLater:
+    def _full(self) -> Overloaded:
         self._count("refused")
         if not self._full_logged:
             self._full_logged = True
@@ -344,7 +366,7 @@ class GroupCommitWriter:
                 "dropping chat records until the database is back",
                 self._journal.size if self._journal else 0,
             )
-        return RetryLater(
+        return Overloaded(
             "the database is unreachable and the local journal is full; retry later",
             retry_after=JOURNAL_FULL_RETRY_S,
             code="journal_full",

@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from service.app import build_app
 from service.auth import Authenticator, Principal
 from service.chat import GenerationRecord
-from service.errors import RetryLater
+from service.errors import Overloaded
 from service.feedback import FeedbackWrite, parse_event
 from service.settings import JournalSettings
 from service.store import Feedback, Generation, GroupCommitWriter, Journal, Store
@@ -139,7 +139,7 @@ async def test_chat_and_feedback_are_answered_through_an_outage(service: Service
     items = batch.json()["data"]
     assert [i["status"] for i in items] == [202, 422] and items[0]["feedback"]["queued"]
     # A write that cannot be journaled (not serialisable) is refused while the database is away.
-    with pytest.raises(RetryLater, match="unreachable"):
+    with pytest.raises(Overloaded, match="unreachable"):
         await writer.submit(lambda session: None)
     with pytest.raises(OperationalError, match="unable to open"):
         store.count(Generation)  # the database really is gone
@@ -327,3 +327,22 @@ async def test_a_vote_waits_for_a_response_another_journal_holds(tmp_path):
     await writer.close()
     assert journals(folder) == [] and not (folder / REJECTED).exists()
     store.close()
+
+
+async def test_a_retry_of_a_vote_stored_just_before_the_outage_keeps_its_id(service: Service):
+    client, store = service.client, service.store
+    answer = await client.post("/v1/chat/completions", json={"messages": QUESTION})
+    vote = {"type": "thumbs", "response_id": answer.json()["id"], "rating": "up"}
+    stored = await client.post("/v1/feedback", json=vote, headers={"Idempotency-Key": "late"})
+    assert stored.status_code == 201
+    service.outage.begin()
+    await client.post("/v1/chat/completions", json={"messages": QUESTION})  # finds the outage
+    assert service.writer.journaling
+    retry = await client.post("/v1/feedback", json=vote, headers={"Idempotency-Key": "late"})
+    assert retry.status_code == 202, retry.text
+    assert retry.json()["id"] == stored.json()["id"] and retry.json()["replayed"] is True
+    service.outage.end()
+    await drained(service.writer)
+    with store.reading() as s:
+        ids = s.scalars(select(Feedback.id)).all()
+    assert ids == [stored.json()["id"]]

@@ -123,3 +123,14 @@ def test_without_keys_binds_loopback_only(monkeypatch):
     monkeypatch.setenv("PREFLOOP_HOST", "0.0.0.0")
     s = load_settings()
     assert not s.auth_enabled and s.bind_host == "127.0.0.1"
+
+
+def test_limits_section_from_env_and_misspelt_limit_refused(monkeypatch):
+    monkeypatch.setenv("PREFLOOP_LIMITS__REQUESTS_PER_S", "5")
+    monkeypatch.setenv("PREFLOOP_LIMITS__MAX_BODY_BYTES", "65536")
+    s = load_settings()
+    assert (s.limits.requests_per_s, s.limits.max_body_bytes) == (5, 65536)
+    assert s.limits.max_admitted_chats is None  # 2 x engine.max_num_seqs, in the app
+    monkeypatch.setenv("PREFLOOP_LIMITS__REQUEST_PER_S", "5")
+    with pytest.raises(SettingsError, match="PREFLOOP_LIMITS__REQUEST_PER_S"):
+        load_settings()
