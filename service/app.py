@@ -336,7 +336,7 @@ def build_policy_app(
     follower = VersionFollower(engine, registry, swap_poll_s, metrics)
     limiter = _limiter(limits)
     admission = Admission(
-        limits.max_admitted_chats or 2 * max_num_seqs, max_num_seqs, limits.queue_timeout_s
+        limits.admitted_chats(max_num_seqs), max_num_seqs, limits.queue_timeout_s
     )
 
     @asynccontextmanager

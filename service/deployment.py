@@ -160,10 +160,14 @@ def policy_application(settings: Settings) -> serve.Application:
         if scaling.enabled
         else {"num_replicas": settings.replicas}
     )
+    # Past its admission bound a replica refuses a chat itself, at once, with the API's error
+    # shape and Retry-After; Serve's own bound sits above it, so that those refusals happen
+    # instead of a queue in front of the replica.
+    admitted = settings.limits.admitted_chats(settings.engine.max_num_seqs)
     deployment = serve.deployment(
         name="policy",
         **replicas,
-        max_ongoing_requests=settings.max_ongoing_requests,
+        max_ongoing_requests=2 * admitted,
         # Past this many waiting for a replica, Serve answers 503 itself: the queue is bounded.
         max_queued_requests=settings.limits.max_queued_requests,
         health_check_period_s=settings.health_check_period_s,

@@ -181,6 +181,10 @@ class LimitsSettings(BaseModel):
     burst: int = Field(default=20, ge=1, description="requests a key may make at once")
     completion_tokens_per_min: int | None = Field(default=None, ge=1)
 
+    def admitted_chats(self, max_num_seqs: int) -> int:
+        """The admission bound of a replica whose engine runs `max_num_seqs` chats at once."""
+        return self.max_admitted_chats or 2 * max_num_seqs
+
 
 class Settings(BaseSettings):
     """Everything `prefloop serve` needs; one instance is built at start-up and passed down."""
@@ -213,8 +217,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="YAML/JSON list of keys (a mounted Secret)"
     )
-    # Requests a replica takes at once before Serve queues them; above the engine's batch size so
-    # the engine always has the next request ready.
+    # Requests an API replica takes at once before Serve queues them. A policy replica's bound
+    # comes from `limits.max_admitted_chats` instead (see `service.deployment`).
     max_ongoing_requests: int = Field(default=64, ge=1)
     feedback_batch_max: int = Field(default=256, ge=1, description="most writes in one transaction")
     # Writes waiting for the database; past it feedback gets 503 with Retry-After. At least one

@@ -1,17 +1,23 @@
-"""Faults under feedback load, against the real service (Ray Serve + vLLM on the embedded model).
+"""Faults and hostile load against the real service (Ray Serve + vLLM on the embedded model),
+through Serve's proxy. Each test prints what it measured (docs/reliability.md).
 
-While clients vote without pause, one process is killed with SIGKILL: the API replica, the policy
-replica (with its engine), or Serve's HTTP proxy. Afterwards the service answers chat and feedback
-again, every acknowledged vote is stored exactly once, and a retry of an acknowledged vote with its
-idempotency key answers with the same id. Each run prints what it measured (docs/reliability.md).
+- A 30 MB chat body is refused with 413 at once, and chats beside it keep their latency.
+- A flood of chats past the replica's admission bound: the excess gets 503 with `Retry-After` at
+  once, and the admitted chats complete.
+- While clients vote, one process is killed with SIGKILL: the API replica, the policy replica (with
+  its engine), or Serve's HTTP proxy. Afterwards the service answers chat and feedback again, every
+  acknowledged vote is stored exactly once, and a retry of an acknowledged vote with its
+  idempotency key answers with the same id.
 
     pytest tests/e2e/test_faults.py -m e2e -p no:randomly -s
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import statistics
 import threading
 import time
 import uuid
@@ -26,6 +32,7 @@ from sqlalchemy import func, select
 from service.store import Feedback
 from tests.conftest import CHAT_KEY, auth
 from tests.e2e.conftest import Service
+from tests.service.test_limits import refuse_big_body
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
@@ -120,6 +127,82 @@ def response_ids(service: Service) -> Iterator[list[str]]:
         for _ in range(4)
     ]
     yield ids
+
+
+def chat_latency(svc: Service, n: int) -> list[float]:
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
+    out = []
+    with httpx.Client(base_url=svc.base_url, headers=auth(CHAT_KEY), timeout=60) as c:
+        for _ in range(n):
+            start = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=body)
+            out.append(time.perf_counter() - start)
+            assert r.status_code == 200, r.text
+    return out
+
+
+def test_oversized_body_is_refused_at_once_and_chats_keep_their_latency(service: Service) -> None:
+    """A 30 MB chat body every half second while chats run: each refused at once, and the chats
+    as fast as without them. (Back to back without a pause, the bodies are a bandwidth flood that
+    keeps Serve's proxy busy reading bytes, which no limit in the app can prevent.)"""
+    chat_latency(service, 3)  # warm-up
+    alone = chat_latency(service, 10)
+    refusals: list[tuple[int, dict, float]] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.wait(0.5):
+            refusals.append(refuse_big_body(service.settings.port, declared=True))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        beside = chat_latency(service, 10)
+    finally:
+        stop.set()
+        sender.join(60)
+    times = sorted(elapsed for _, _, elapsed in refusals)
+    p50_alone, p50_beside = statistics.median(alone), statistics.median(beside)
+    print(
+        f"\n[fault] 30 MB chat bodies: {len(refusals)} refused, time to 413 p50 "
+        f"{statistics.median(times) * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms; a chat of 8 "
+        f"tokens p50 {p50_alone * 1000:.0f} ms alone, {p50_beside * 1000:.0f} ms beside them"
+    )
+    assert refusals and all(status == 413 for status, _, _ in refusals), refusals[:3]
+    assert all(body["error"]["code"] == "body_too_large" for _, body, _ in refusals)
+    assert statistics.median(times) < 0.1, times
+    assert p50_beside < 1.5 * p50_alone + 0.1, (p50_alone, p50_beside)
+
+
+def test_a_flood_past_the_admission_bound_is_refused_at_once(service: Service) -> None:
+    bound = service.settings.limits.admitted_chats(service.settings.engine.max_num_seqs)
+    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 32}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, str | None, float]:
+        start = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json=body)
+        return r.status_code, r.headers.get("Retry-After"), time.perf_counter() - start
+
+    async def flood() -> list[tuple[int, str | None, float]]:
+        limits = httpx.Limits(max_connections=4 * bound)
+        async with httpx.AsyncClient(
+            base_url=service.base_url, headers=auth(CHAT_KEY), timeout=300, limits=limits
+        ) as client:
+            return await asyncio.gather(*(one(client) for _ in range(3 * bound)))
+
+    answers = asyncio.run(flood())
+    served = sorted(t for status, _, t in answers if status == 200)
+    refused = sorted(t for status, _, t in answers if status == 503)
+    print(
+        f"\n[fault] {3 * bound} chats at once against an admission bound of {bound}: "
+        f"{len(served)} served (p50 {statistics.median(served):.1f} s), {len(refused)} refused "
+        f"with 503 (p50 {statistics.median(refused) * 1000:.0f} ms, "
+        f"max {refused[-1] * 1000:.0f} ms)"
+    )
+    assert {status for status, _, _ in answers} == {200, 503}, answers
+    assert all(retry is not None for status, retry, _ in answers if status == 503)
+    assert len(served) >= bound
+    assert statistics.median(refused) < 0.5 < statistics.median(served), (refused, served)
 
 
 @pytest.mark.timeout(600)

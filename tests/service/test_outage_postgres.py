@@ -12,11 +12,9 @@ import asyncio
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,18 +30,14 @@ from service.auth import Authenticator
 from service.settings import JournalSettings
 from service.store import Feedback, Generation, Store
 from tests.conftest import CHAT_KEY, KEYS, auth, base_registry
+from tests.e2e.conftest import free_port
 from tests.fakes import FakeEngine
+from tests.service.live import serving
 
 pytestmark = pytest.mark.postgres
 logger = logging.getLogger(__name__)
 OUTAGE_S = 60.0
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -90,30 +84,6 @@ def cluster() -> Iterator[Cluster]:
         if with_data:
             c.stop()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-class Uvicorn:
-    """The app served on a loopback port from a thread of this process."""
-
-    def __init__(self, app, port: int):
-        import uvicorn
-
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Uvicorn:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @dataclass
@@ -202,8 +172,9 @@ async def test_sixty_seconds_without_postgres_fail_no_chat_and_lose_no_vote(
     writer = app.state.writer
     tally = Tally()
     stop = asyncio.Event()
-    with Uvicorn(app, free_port()) as server:
-        workers = [asyncio.create_task(chat_and_vote(server.url, tally, stop, w)) for w in range(4)]
+    with serving(app) as port:
+        url = f"http://127.0.0.1:{port}"
+        workers = [asyncio.create_task(chat_and_vote(url, tally, stop, w)) for w in range(4)]
         await asyncio.sleep(3)
         stored_before = len(tally.acks)
         await asyncio.to_thread(cluster.stop)
