@@ -335,9 +335,7 @@ def build_policy_app(
     writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
     follower = VersionFollower(engine, registry, swap_poll_s, metrics)
     limiter = _limiter(limits)
-    admission = Admission(
-        limits.admitted_chats(max_num_seqs), max_num_seqs, limits.queue_timeout_s
-    )
+    admission = Admission(limits.admitted_chats(max_num_seqs), max_num_seqs, limits.queue_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

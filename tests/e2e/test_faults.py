@@ -20,26 +20,18 @@ import signal
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import psutil
 import pytest
-from sqlalchemy import func, select
 
-from service.store import Feedback
 from tests.conftest import CHAT_KEY, auth
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, VoteLoad, answers, assert_votes_kept
 from tests.service.test_limits import refuse_big_body
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
-VOTERS = 4
-# Between a voter's votes: four voters without a pause kept both cores busy, and a replacement
-# policy replica then took 125 s instead of about 40 s to load its engine.
-VOTE_PAUSE_S = 0.1
 RECOVERY_TIMEOUT_S = 240
 
 
@@ -54,67 +46,6 @@ def ray_processes(marker: str) -> set[int]:
         except psutil.Error:
             continue
     return found
-
-
-@dataclass
-class Vote:
-    key: str
-    response_id: str
-    status: int
-    id: str | None
-    sent: float
-
-
-class VoteLoad:
-    """`VOTERS` threads that vote on the given answers, each vote with an idempotency key of its
-    own."""
-
-    def __init__(self, svc: Service, response_ids: list[str]):
-        self.svc, self.response_ids = svc, response_ids
-        self.votes: list[Vote] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(VOTERS)]
-
-    def _run(self, worker: int) -> None:
-        with httpx.Client(base_url=self.svc.base_url, headers=auth(CHAT_KEY), timeout=30) as c:
-            n = 0
-            while not self._stop.is_set():
-                key = f"fault-{worker}-{n}-{uuid.uuid4().hex[:8]}"
-                rid = self.response_ids[n % len(self.response_ids)]
-                sent = time.monotonic()
-                body = {"type": "thumbs", "response_id": rid, "rating": "up"}
-                try:
-                    r = c.post("/v1/feedback", json=body, headers={"Idempotency-Key": key})
-                    ack = r.json().get("id") if r.status_code in (200, 201) else None
-                    self.votes.append(Vote(key, rid, r.status_code, ack, sent))
-                except (httpx.HTTPError, ValueError):
-                    self.votes.append(Vote(key, rid, 0, None, sent))
-                n += 1
-                time.sleep(VOTE_PAUSE_S)
-
-    def acknowledged(self) -> list[Vote]:
-        return [v for v in self.votes if v.id is not None]
-
-    def __enter__(self) -> VoteLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-
-def answers(svc: Service) -> bool:
-    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
-    try:
-        r = httpx.post(
-            f"{svc.base_url}/v1/chat/completions", json=body, headers=auth(CHAT_KEY), timeout=30
-        )
-    except httpx.HTTPError:
-        return False
-    return r.status_code == 200
 
 
 @pytest.fixture(scope="module")
@@ -219,15 +150,14 @@ def test_kill_under_feedback_load(
 ) -> None:
     victims = ray_processes(marker)
     assert victims, f"no process of this Ray cluster matches {marker!r}"
-    with VoteLoad(service, response_ids) as load:
+    with VoteLoad(service.base_url, response_ids) as load:
         time.sleep(3)
         killed_at = time.monotonic()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         deadline = killed_at + RECOVERY_TIMEOUT_S
         while time.monotonic() < deadline:
-            recent = [v for v in load.votes[-VOTERS:] if v.sent > killed_at + 1]
-            if recent and all(v.id for v in recent) and answers(service):
+            if load.recovered(since=killed_at + 1) and answers(service.base_url):
                 break
             time.sleep(0.5)
         else:
@@ -243,17 +173,7 @@ def test_kill_under_feedback_load(
         f"{len(refused)} refused or failed while recovering "
         f"(statuses {sorted({v.status for v in refused})})"
     )
-    assert acked, "no vote was acknowledged"
-    ids = {v.id for v in acked}
-    assert len(ids) == len(acked), "two acknowledgements share an id"
-    with service.store.reading() as s:
-        stored = s.scalar(select(func.count()).select_from(Feedback).where(Feedback.id.in_(ids)))
-    assert stored == len(ids), f"{len(ids) - (stored or 0)} acknowledged votes are not stored"
     if target == "policy replica":
         # Votes go to the API replica: a policy replica's death costs none of them.
         assert not refused, refused[:5]
-    with httpx.Client(base_url=service.base_url, headers=auth(CHAT_KEY), timeout=30) as c:
-        for vote in acked[-3:]:
-            body = {"type": "thumbs", "response_id": vote.response_id, "rating": "up"}
-            r = c.post("/v1/feedback", json=body, headers={"Idempotency-Key": vote.key})
-            assert (r.status_code, r.json()["id"]) == (200, vote.id), r.text
+    assert_votes_kept(service.store, service.base_url, acked)
