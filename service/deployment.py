@@ -35,6 +35,8 @@ def policy_app_name(name: str = APP_NAME) -> str:
     return f"{name}-policy"
 
 
+# Serve's own refusals past `max_queued_requests` say when to retry, as the replicas' do.
+BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}
 # How long the API replica waits for a policy replica to answer a readiness or version call.
 POLICY_CALL_TIMEOUT_S = 10.0
 
@@ -170,6 +172,7 @@ def policy_application(settings: Settings) -> serve.Application:
         max_ongoing_requests=2 * admitted,
         # Past this many waiting for a replica, Serve answers 503 itself: the queue is bounded.
         max_queued_requests=settings.limits.max_queued_requests,
+        backpressure_config=BACKPRESSURE,
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=max(10.0, settings.health_check_period_s * 2),
         ray_actor_options={"num_cpus": settings.replica_num_cpus},
@@ -183,6 +186,7 @@ def api_application(settings: Settings, policy_app: str) -> serve.Application:
         num_replicas=settings.api_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.limits.max_queued_requests,
+        backpressure_config=BACKPRESSURE,
         health_check_period_s=settings.health_check_period_s,
         ray_actor_options={"num_cpus": 0},
     )(ApiReplica)
