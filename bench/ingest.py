@@ -1,9 +1,10 @@
-"""Feedback ingest through the full HTTP stack: Ray Serve's proxy -> the policy replica -> FastAPI
+"""Feedback ingest through the full HTTP stack: Ray Serve's proxy -> the API replica -> FastAPI
 -> the group-commit writer -> the store, against the same Ray Serve stack without storage.
 
 Three variants in one Ray/Serve session:
 
-- `sqlite`: prefloop's real application (`service.deployment.application`, vLLM engine included)
+- `sqlite`: prefloop's real applications (`service.deployment.run_applications`: the API replica
+  that takes the votes, and the policy replica with its vLLM engine that makes the generations)
   on its default store (SQLite, WAL, synchronous=FULL), at route prefix `/`;
 - `bare`: a Ray Serve FastAPI deployment with the same routes that authenticates and validates
   events exactly as prefloop does (`Authenticator`, `parse_event`, `FeedbackBatchRequest`) and

@@ -356,10 +356,8 @@ class Run:
 def bench_serve(
     url: str, args: argparse.Namespace, setup: Setup, concurrency: int, prompts: int, tag: str
 ) -> dict[str, Any]:
-    """One `vllm bench serve` run; its result dict (the figures it also saves as JSON)."""
-    from unittest import mock
-
-    from vllm.benchmarks.lib import endpoint_request_func as erf
+    """One `vllm bench serve` run, its client as shipped; its result dict (the figures it also
+    saves as JSON)."""
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -391,22 +389,7 @@ def bench_serve(
     ]  # fmt: skip
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    with mock.patch.object(erf, "_get_chat_messages", _text_messages(erf._get_chat_messages)):
-        return bench_main(parser.parse_args(argv))
-
-
-def _text_messages(original: Any) -> Any:
-    """The load generator sends a prompt as OpenAI content parts (`[{"type": "text", ...}]`),
-    which prefloop's chat API refuses (422: it takes string content only). Every server gets the
-    same prompt as a plain string instead, which all three accept."""
-
-    def messages(request_func_input: Any, *args: Any, **kwargs: Any) -> Any:
-        prompt = request_func_input.prompt
-        if isinstance(prompt, str) and not request_func_input.multi_modal_content:
-            return [{"role": "user", "content": prompt}]
-        return original(request_func_input, *args, **kwargs)
-
-    return messages
+    return bench_main(parser.parse_args(argv))
 
 
 def measure(

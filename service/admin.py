@@ -113,7 +113,7 @@ def score_answers(registry: Registry, scorers: ScorerCache, req: ScoreRequest) -
     forward passes)."""
     version = reward_version(registry, req.reward_model)
     scorer = scorers.get(version.id, registry.weights_path(version))
-    conversation = [m.model_dump() for m in req.messages]
+    conversation = [m.as_prompt() for m in req.messages]
     scores = scorer.score([conversation] * len(req.answers), req.answers)
     stats = normalisation(version.metrics or {})
     mean, std = stats["score_mean"], stats["score_std"]

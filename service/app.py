@@ -32,7 +32,7 @@ from service.errors import (
     install_error_handlers,
 )
 from service.feedback import FeedbackService, FeedbackWrite, with_header_key
-from service.limits import BodyLimit, check_prompt
+from service.limits import BodyLimit, check_request
 from service.metrics import Metrics
 from service.policy import LocalPolicy, Policy
 from service.protocol import (
@@ -216,7 +216,7 @@ def _policy_routes(
         req: ChatCompletionRequest, who: Chat, request: Request, response: Response
     ) -> ChatCompletion | Response:
         limiter.admit_completion(who.name)
-        check_prompt(engine, req.messages, limits.max_messages)
+        check_request(engine, req, limits.max_messages)
         await request.state.admission.wait_for_engine()
         if req.stream:
             body = await chat.start_stream(req, who.name)

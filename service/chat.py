@@ -190,7 +190,7 @@ class ChatService:
         # Refused before the engine does any work: a generation whose record cannot be queued
         # would be answered and never stored.
         self._writer.check_room()
-        messages = [m.model_dump() for m in req.messages]
+        messages = [m.as_prompt() for m in req.messages]
         # Tokenising a long prompt takes CPU time (about 0.8 s for 150k characters on the CPU box):
         # in a thread, so that other requests and the health checks go on meanwhile.
         prompt = await asyncio.to_thread(self._engine.render_prompt, messages)
@@ -201,6 +201,8 @@ class ChatService:
             n=req.n,
             temperature=req.temperature,
             top_p=req.top_p,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
             max_tokens=max_tokens,
             stop=tuple(req.stop_list),
             seed=req.seed,
@@ -364,6 +366,8 @@ def _sampling_record(s: Sampling) -> dict:
         "n": s.n,
         "temperature": s.temperature,
         "top_p": s.top_p,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
         "max_tokens": s.max_tokens,
         "stop": list(s.stop),
         "seed": s.seed,

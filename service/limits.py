@@ -1,6 +1,6 @@
 """Input limits checked before the work they would cost: the size of a request body and how long
 it may take to arrive (`BodyLimit`, pure ASGI, before anything parses the body), and the size of a
-chat prompt before it is tokenised (`check_prompt`).
+chat request before its prompt is tokenised (`check_request`).
 
 A 30 MB chat body used to be read, parsed and tokenised whole (49 s on the event loop of a 2-core
 replica) before it was refused for its length; meanwhile every other request and the health checks
@@ -10,13 +10,12 @@ waited, and Serve restarted the replica.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import PolicyEngine
 from service.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, send_error
-from service.protocol import ChatMessage
+from service.protocol import ChatCompletionRequest
 
 
 class BodyLimit:
@@ -74,17 +73,34 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def check_prompt(engine: PolicyEngine, messages: Sequence[ChatMessage], max_messages: int) -> None:
-    """Refuse, without tokenising, a prompt that cannot fit the context: too many messages, or more
-    characters than `max_model_len` tokens of the tokenizer's longest can hold. Cheap (a sum of
-    lengths); a prompt that passes may still be refused by its token count."""
+def check_request(engine: PolicyEngine, req: ChatCompletionRequest, max_messages: int) -> None:
+    """Refuse, without tokenising, a chat this API cannot answer as asked: a field it does not
+    serve, a content part that is not text, too many messages, or more characters than
+    `max_model_len` tokens of the tokenizer's longest can hold. Cheap (a sum of lengths); a prompt
+    that passes may still be refused by its token count."""
+    if unserved := req.unserved:
+        raise InvalidRequest(
+            f"{unserved[0]} is not supported by this API; leave it out",
+            param=unserved[0],
+            code="unsupported_parameter",
+        )
+    messages = req.messages
     if len(messages) > max_messages:
         raise InvalidRequest(
             f"at most {max_messages} messages per request; got {len(messages)}",
             param="messages",
             code="too_many_messages",
         )
-    chars = sum(len(m.content) for m in messages)
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if part.type != "text" or part.text is None:
+                raise InvalidRequest(
+                    f"messages.{i}.content.{j}: a content part of type {part.type!r} (this model "
+                    'reads text parts, {"type": "text", "text": ...})',
+                    param=f"messages.{i}.content.{j}",
+                    code="unsupported_content_part",
+                )
+    chars = sum(len(m.text) for m in messages)
     most = engine.max_model_len * engine.max_chars_per_token
     if chars > most:
         raise InvalidRequest(

@@ -10,13 +10,50 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_CHOICES = 4
 # One request scores at most this many answers: the forward passes run on the replica's CPU threads.
 MAX_SCORED_ANSWERS = 16
+UNSERVED_FIELDS = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "audio",
+    "modalities",
+)
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content, as OpenAI's API allows (`[{"type": "text", "text": ...}]`).
+    Only text parts are served; another type is refused with a 400 naming the part
+    (`service.limits.check_request`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = Field(default=None, max_length=200_000)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
+    content: (
+        Annotated[str, Field(max_length=200_000)]
+        | Annotated[list[ContentPart], Field(min_length=1, max_length=64)]
+    )
+
+    @property
+    def text(self) -> str:
+        """What the model reads and the store keeps: the string, or the text parts joined by
+        newlines, as vLLM's own OpenAI server joins them."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+    def as_prompt(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.text}
 
 
 class StreamOptions(BaseModel):
@@ -40,6 +77,34 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # OpenAI fields that would change the answer and are not served: named so that a request
+    # setting one is refused with a 400 naming it (`service.limits.check_request`) instead of
+    # answered as if it had not been sent.
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+
+    @property
+    def unserved(self) -> list[str]:
+        """The fields set that this API does not serve (a `"text"` response format and
+        `logprobs: false` ask for what it does anyway)."""
+        names = [
+            name for name in UNSERVED_FIELDS if getattr(self, name) not in (None, False, [], {})
+        ]
+        if self.response_format == {"type": "text"}:
+            names.remove("response_format")
+        if self.modalities == ["text"]:
+            names.remove("modalities")
+        return names
 
     # Field validators (not one model validator) so that a 422 names the field in `param`.
     @field_validator("messages")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from service.store import Generation
-from tests.conftest import ADMIN_KEY, READONLY_KEY, auth
+from tests.conftest import ADMIN_KEY, CHAT_KEY, READONLY_KEY, auth
 from tests.fakes import FakeEngine
 
 QUESTION = [{"role": "user", "content": "How do I cancel my subscription?"}]
@@ -197,3 +197,62 @@ async def test_metrics_count_requests_and_tokens(client):
         counted = metric_value(text, "prefloop_tokens_total", kind=kind, model_version="base")
         assert counted == expected > 0, kind
     assert "prefloop_engine_requests_in_flight 0.0" in text
+
+
+async def test_text_content_parts_are_what_the_model_reads_and_the_store_keeps(
+    client, store, engine
+):
+    """The official client sends content as a list of parts; the model reads (and the store
+    keeps) the text parts joined by newlines, the same conversation as that string."""
+    from openai import AsyncOpenAI
+
+    openai = AsyncOpenAI(base_url="http://test/v1", api_key=CHAT_KEY, http_client=client)
+    parts = [{"type": "text", "text": "How do I cancel"}, {"type": "text", "text": "my plan?"}]
+    done = await openai.chat.completions.create(
+        model="prefloop",
+        messages=[{"role": "user", "content": parts}],  # type: ignore[list-item]
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        seed=3,
+    )
+    as_text = [{"role": "user", "content": "How do I cancel\nmy plan?"}]
+    prompt = "".join(chr(t) for t in engine.render_prompt(as_text))
+    assert done.choices[0].message.content == FakeEngine.answer(prompt, 0, 3)
+    gen = store.get_generation(done.id)
+    assert gen is not None and gen.messages == as_text
+    assert (gen.sampling["presence_penalty"], gen.sampling["frequency_penalty"]) == (0.5, -0.25)
+    plain = await client.post("/v1/chat/completions", json={"messages": as_text})
+    other = store.get_generation(plain.json()["id"])
+    assert other is not None and other.conversation_hash == gen.conversation_hash
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "code"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content.0",
+            "unsupported_content_part",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
+        ({"tool_choice": "required"}, "tool_choice", None),
+        ({"response_format": {"type": "json_object"}}, "response_format", None),
+        ({"logprobs": True}, "logprobs", None),
+        ({"logit_bias": {"42": 5}}, "logit_bias", None),
+    ],
+)
+async def test_what_would_change_the_answer_and_is_not_served_is_a_400(
+    client, store, change, param, code
+):
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION, **change})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["code"] == (code or "unsupported_parameter")
+    assert store.count(Generation) == 0
+
+
+async def test_fields_that_ask_for_what_is_served_anyway_are_accepted(client):
+    body = {"messages": QUESTION, "response_format": {"type": "text"}, "logprobs": False}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
