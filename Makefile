@@ -52,7 +52,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -ra -q -m "$(TEST_MARKERS)"
+	$(BIN)/pytest -ra -q -m "$(TEST_MARKERS)" --durations=20
 
 test-fast: setup
 	$(BIN)/pytest -q

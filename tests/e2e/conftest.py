@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service.settings import EngineSettings, Settings
+from service.settings import EngineSettings, LimitsSettings, Settings
 from service.store import Feedback, Store
 from tests.conftest import CHAT_KEY, KEYS, auth
 
@@ -78,6 +78,10 @@ def running_service(
             "health_check_period_s": 1,
             "ray_address": "local",
             "engine": EngineSettings(kv_cache_space_gib=1, max_num_seqs=32),
+            # The seeded-prefill test sends 44 long prompts with n=4 at once, which on two cores
+            # wait for the engine longer than the default 30 s deadline (tests/service/
+            # test_admission.py tests the deadline).
+            "limits": LimitsSettings(queue_timeout_s=300),
             **overrides,
         }
     )
