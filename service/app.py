@@ -12,6 +12,7 @@ app over one engine (the fast tests, and anything that runs without Serve).
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -51,7 +52,7 @@ from service.registry import Registry
 from service.request_ids import RequestIds
 from service.rollout import VersionFollower
 from service.scoring import ScorerCache
-from service.settings import JournalSettings, LimitsSettings, Scope
+from service.settings import JournalSettings, LimitsSettings, Scope, Settings
 from service.store import GroupCommitWriter, Journal
 
 ROUTES = frozenset(
@@ -145,20 +146,43 @@ class _Scopes:
         return check
 
 
-def _writer(
-    registry: Registry,
-    metrics: Metrics,
-    feedback_batch_max: int,
-    write_queue_max: int,
-    journal: JournalSettings | None,
-) -> GroupCommitWriter:
+@dataclass(frozen=True)
+class AppOptions:
+    """How an app serves, from `Settings` (`from_settings`); the defaults are Settings' own."""
+
+    default_max_tokens: int = 512
+    feedback_batch_max: int = 256
+    swap_poll_s: float = 0.25
+    write_queue_max: int = 10_000
+    journal: JournalSettings = field(default_factory=JournalSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    # The engine's batch size: admission lets that many chats run at once.
+    max_num_seqs: int = 32
+    # Behind Serve's proxy the proxy answers with the request id it logged; alone, the app does.
+    echo_request_id: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, echo_request_id: bool = True) -> "AppOptions":
+        return cls(
+            default_max_tokens=settings.engine.default_max_tokens,
+            feedback_batch_max=settings.feedback_batch_max,
+            swap_poll_s=settings.swap_poll_s,
+            write_queue_max=settings.write_queue_max,
+            journal=settings.journal,
+            limits=settings.limits,
+            max_num_seqs=settings.engine.max_num_seqs,
+            echo_request_id=echo_request_id,
+        )
+
+
+def _writer(registry: Registry, metrics: Metrics, options: AppOptions) -> GroupCommitWriter:
     """The replica's group-commit writer, journaling to the data directory while the database is
     unreachable."""
-    journal = journal or JournalSettings()
+    journal = options.journal
     return GroupCommitWriter(
         registry.store,
-        max_batch=feedback_batch_max,
-        queue_max=write_queue_max,
+        max_batch=options.feedback_batch_max,
+        queue_max=options.write_queue_max,
         journal=Journal(registry.data_dir / "journal", journal.max_bytes),
         kinds=(GenerationRecord, FeedbackWrite),  # a vote names a generation: those go first
         probe_interval_s=journal.probe_interval_s,
@@ -318,24 +342,18 @@ def build_policy_app(
     engine: PolicyEngine,
     registry: Registry,
     authenticator: Authenticator,
-    *,
-    default_max_tokens: int = 512,
-    feedback_batch_max: int = 256,
-    swap_poll_s: float = 0.25,
-    write_queue_max: int = 10_000,
-    journal: JournalSettings | None = None,
-    limits: LimitsSettings | None = None,
-    max_num_seqs: int = 32,
-    echo_request_id: bool = True,
+    options: AppOptions | None = None,
 ) -> tuple[FastAPI, LocalPolicy]:
-    """A policy replica's app, and the `Policy` that the API half reaches it through. The engine
-    runs `max_num_seqs` chats at once (its batch size): admission lets that many run."""
-    limits = limits or LimitsSettings()
+    """A policy replica's app, and the `Policy` that the API half reaches it through."""
+    options = options or AppOptions()
+    limits = options.limits
     metrics = Metrics(in_flight=lambda: engine.in_flight)
-    writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
-    follower = VersionFollower(engine, registry, swap_poll_s, metrics)
+    writer = _writer(registry, metrics, options)
+    follower = VersionFollower(engine, registry, options.swap_poll_s, metrics)
     limiter = _limiter(limits)
-    admission = Admission(limits.admitted_chats(max_num_seqs), max_num_seqs, limits.queue_timeout_s)
+    admission = Admission(
+        limits.admitted_chats(options.max_num_seqs), options.max_num_seqs, limits.queue_timeout_s
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -347,11 +365,12 @@ def build_policy_app(
         await follower.stop()
         await writer.close()
 
-    app = _new_app(metrics, lifespan, limits, echo_request_id, admission)
+    app = _new_app(metrics, lifespan, limits, options.echo_request_id, admission)
     app.state.writer, app.state.metrics, app.state.follower = writer, metrics, follower
     app.state.limiter, app.state.admission = limiter, admission
     scopes = _Scopes(authenticator, limiter)
-    _policy_routes(app, engine, writer, metrics, scopes, limiter, limits, default_max_tokens)
+    max_tokens = options.default_max_tokens
+    _policy_routes(app, engine, writer, metrics, scopes, limiter, limits, max_tokens)
     return app, LocalPolicy(engine, follower)
 
 
@@ -359,18 +378,13 @@ def build_api_app(
     policy: Policy,
     registry: Registry,
     authenticator: Authenticator,
-    *,
-    feedback_batch_max: int = 256,
-    write_queue_max: int = 10_000,
-    journal: JournalSettings | None = None,
-    limits: LimitsSettings | None = None,
-    echo_request_id: bool = True,
+    options: AppOptions | None = None,
 ) -> FastAPI:
     """The API replica's app: every route but chat."""
-    limits = limits or LimitsSettings()
+    options = options or AppOptions()
     metrics = Metrics(in_flight=lambda: 0)
-    writer = _writer(registry, metrics, feedback_batch_max, write_queue_max, journal)
-    limiter = _limiter(limits)
+    writer = _writer(registry, metrics, options)
+    limiter = _limiter(options.limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -378,7 +392,7 @@ def build_api_app(
         yield
         await writer.close()
 
-    app = _new_app(metrics, lifespan, limits, echo_request_id)
+    app = _new_app(metrics, lifespan, options.limits, options.echo_request_id)
     app.state.writer, app.state.metrics, app.state.limiter = writer, metrics, limiter
     _healthz(app)
     _api_routes(app, policy, registry, writer, metrics, _Scopes(authenticator, limiter))
@@ -389,28 +403,10 @@ def build_app(
     engine: PolicyEngine,
     registry: Registry,
     authenticator: Authenticator,
-    *,
-    default_max_tokens: int = 512,
-    feedback_batch_max: int = 256,
-    swap_poll_s: float = 0.25,
-    write_queue_max: int = 10_000,
-    journal: JournalSettings | None = None,
-    limits: LimitsSettings | None = None,
-    max_num_seqs: int = 32,
+    options: AppOptions | None = None,
 ) -> FastAPI:
     """Both halves in one app over one engine, sharing its writer, metrics and rate limits."""
-    app, policy = build_policy_app(
-        engine,
-        registry,
-        authenticator,
-        default_max_tokens=default_max_tokens,
-        feedback_batch_max=feedback_batch_max,
-        swap_poll_s=swap_poll_s,
-        write_queue_max=write_queue_max,
-        journal=journal,
-        limits=limits,
-        max_num_seqs=max_num_seqs,
-    )
+    app, policy = build_policy_app(engine, registry, authenticator, options)
     _healthz(app)
     state = app.state
     scopes = _Scopes(authenticator, state.limiter)

@@ -17,7 +17,7 @@ import os
 
 from ray import serve
 
-from service.app import CHAT_PREFIX, build_api_app, build_policy_app
+from service.app import CHAT_PREFIX, AppOptions, build_api_app, build_policy_app
 from service.auth import Authenticator
 from service.engine import VllmEngine
 from service.errors import EngineUnavailable
@@ -58,15 +58,7 @@ class PolicyReplica:
             self._engine,
             registry,
             Authenticator(settings.all_api_keys),
-            default_max_tokens=settings.engine.default_max_tokens,
-            feedback_batch_max=settings.feedback_batch_max,
-            swap_poll_s=settings.swap_poll_s,
-            write_queue_max=settings.write_queue_max,
-            journal=settings.journal,
-            limits=settings.limits,
-            max_num_seqs=settings.engine.max_num_seqs,
-            # Serve's proxy answers with the id it put on the request, the one logged here.
-            echo_request_id=False,
+            AppOptions.from_settings(settings, echo_request_id=False),
         )
 
     def __serve_build_asgi_app__(self):
@@ -136,11 +128,7 @@ class ApiReplica:
             ServePolicy(settings.served_model_name, policy_app),
             registry,
             Authenticator(settings.all_api_keys),
-            feedback_batch_max=settings.feedback_batch_max,
-            write_queue_max=settings.write_queue_max,
-            journal=settings.journal,
-            limits=settings.limits,
-            echo_request_id=False,
+            AppOptions.from_settings(settings, echo_request_id=False),
         )
 
     def __serve_build_asgi_app__(self):

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from service.app import build_app
+from service.app import AppOptions, build_app
 from service.auth import Authenticator
 from service.settings import LimitsSettings
 from tests.conftest import CHAT_KEY, KEYS, OTHER_KEY, auth
@@ -47,7 +47,8 @@ async def timed_chat(c: httpx.AsyncClient, **kw) -> tuple[httpx.Response, float]
 async def test_flood_past_the_bound_is_refused_fast_and_admitted_chats_complete(registry):
     engine = HeldEngine()
     limits = LimitsSettings(max_admitted_chats=8, queue_timeout_s=30)
-    app = build_app(engine, registry, Authenticator(KEYS), limits=limits, max_num_seqs=4)
+    options = AppOptions(limits=limits, max_num_seqs=4)
+    app = build_app(engine, registry, Authenticator(KEYS), options)
     async with client_for(app) as c:
         admitted = [asyncio.create_task(timed_chat(c)) for _ in range(8)]
         while app.state.admission.admitted < 8:
@@ -74,7 +75,8 @@ async def test_flood_past_the_bound_is_refused_fast_and_admitted_chats_complete(
 async def test_chat_that_waits_past_its_deadline_is_refused(registry):
     engine = HeldEngine()
     limits = LimitsSettings(queue_timeout_s=0.3)
-    app = build_app(engine, registry, Authenticator(KEYS), limits=limits, max_num_seqs=2)
+    options = AppOptions(limits=limits, max_num_seqs=2)
+    app = build_app(engine, registry, Authenticator(KEYS), options)
     async with client_for(app) as c:
         running = [asyncio.create_task(timed_chat(c)) for _ in range(2)]
         while not app.state.admission.slots.locked():
@@ -92,7 +94,7 @@ async def test_chat_that_waits_past_its_deadline_is_refused(registry):
 
 async def test_request_rate_limit_answers_429_and_recovers(registry, engine):
     limits = LimitsSettings(requests_per_s=5, burst=3)
-    app = build_app(engine, registry, Authenticator(KEYS), limits=limits)
+    app = build_app(engine, registry, Authenticator(KEYS), AppOptions(limits=limits))
     async with client_for(app) as c:
         first = [(await timed_chat(c))[0].status_code for _ in range(3)]
         refused, _ = await timed_chat(c)
@@ -109,7 +111,7 @@ async def test_request_rate_limit_answers_429_and_recovers(registry, engine):
 
 async def test_completion_token_limit_answers_429_until_paid_back(registry, engine):
     limits = LimitsSettings(completion_tokens_per_min=120)
-    app = build_app(engine, registry, Authenticator(KEYS), limits=limits)
+    app = build_app(engine, registry, Authenticator(KEYS), AppOptions(limits=limits))
     async with client_for(app) as c:
         r, _ = await timed_chat(c)
         spent = r.json()["usage"]["completion_tokens"]

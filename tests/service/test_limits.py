@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from service.app import build_app
+from service.app import AppOptions, build_app
 from service.auth import Authenticator
 from service.settings import LimitsSettings
 from tests.conftest import CHAT_KEY, KEYS, auth
@@ -116,7 +116,7 @@ def test_oversized_body_is_refused_at_once_without_slowing_a_chat(app, store, de
 def test_trickled_body_is_cut_at_the_deadline_without_holding_up_others(engine, registry):
     # A slowloris client: the headers, then one byte every 0.5 s, for ever.
     limits = LimitsSettings(body_timeout_s=1.5)
-    app = build_app(engine, registry, Authenticator(KEYS), limits=limits)
+    app = build_app(engine, registry, Authenticator(KEYS), AppOptions(limits=limits))
     head = request_head("/v1/chat/completions", CHAT_KEY, "Content-Length: 1000\r\n")
     with serving(app) as port:
         alone = statistics.median(chat_latencies(port, 10))

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from service.app import build_app
+from service.app import AppOptions, build_app
 from service.auth import Authenticator, Principal
 from service.chat import GenerationRecord
 from service.errors import Overloaded
@@ -64,7 +64,7 @@ def sqlite_store(folder: Path) -> Store:
 async def serve(tmp_path: Path, journal: JournalSettings, **kw) -> AsyncIterator[Service]:
     store = sqlite_store(tmp_path / "db")
     registry = base_registry(store, tmp_path / "data")
-    app = build_app(FakeEngine(), registry, Authenticator(KEYS), journal=journal, **kw)
+    app = build_app(FakeEngine(), registry, Authenticator(KEYS), AppOptions(journal=journal, **kw))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         client.headers.update(auth(CHAT_KEY))

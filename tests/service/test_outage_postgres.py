@@ -25,7 +25,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service.app import build_app
+from service.app import AppOptions, build_app
 from service.auth import Authenticator
 from service.settings import JournalSettings
 from service.store import Feedback, Generation, Store
@@ -167,7 +167,7 @@ async def test_sixty_seconds_without_postgres_fail_no_chat_and_lose_no_vote(
         FakeEngine(),
         registry,
         Authenticator(KEYS),
-        journal=JournalSettings(probe_interval_s=0.5),
+        AppOptions(journal=JournalSettings(probe_interval_s=0.5)),
     )
     writer = app.state.writer
     tally = Tally()

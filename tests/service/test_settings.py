@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from service.app import AppOptions
 from service.settings import SettingsError, load_settings
 
 
@@ -24,6 +25,14 @@ def test_defaults_derive_from_data_dir(tmp_path):
     assert s.resolved_model_path == tmp_path / "data" / "models" / "SmolLM2-135M-Instruct"
     assert s.resolved_database_url == f"sqlite:///{tmp_path / 'data' / 'prefloop.db'}"
     assert s.engine.enable_chunked_prefill is None
+
+
+def test_app_options_default_to_the_settings_defaults():
+    assert AppOptions() == AppOptions.from_settings(load_settings())
+    config = load_settings().model_copy(update={"feedback_batch_max": 7, "swap_poll_s": 2.0})
+    options = AppOptions.from_settings(config, echo_request_id=False)
+    assert (options.feedback_batch_max, options.swap_poll_s) == (7, 2.0)
+    assert not options.echo_request_id
 
 
 def test_env_overrides_config_file(monkeypatch, tmp_path):
