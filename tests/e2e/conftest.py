@@ -1,7 +1,8 @@
-"""The real service for end-to-end tests: one Ray Serve deployment per test module.
+"""The real service for end-to-end tests, and the load and checks several of them share.
 
-Each start costs about 40 s (Ray, Serve, then the vLLM engine loading the embedded model), so the
-`service` fixture is module-scoped and every test in a module shares it.
+Each start costs 40-60 s (Ray, Serve, then the vLLM engine loading the embedded model), so tests
+share deployments: the modules of `serving/` one (`service`), those of `loop/` another
+(`loop_service`); the modules that need a deployment of their own shape start it themselves.
 """
 
 from __future__ import annotations
@@ -94,12 +95,6 @@ def running_service(
     finally:
         store.close()
         deployment.shutdown()
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_service(tmp_path_factory) as svc:
-        yield svc
 
 
 def chats_per_replica(export_urls: Iterable[str] | None = None) -> dict[str, float]:

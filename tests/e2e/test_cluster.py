@@ -83,7 +83,7 @@ from tests.e2e.conftest import (
     free_port,
     wait_ready,
 )
-from tests.e2e.test_loop import QUESTIONS
+from tests.e2e.loop.test_loop import QUESTIONS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray, pytest.mark.postgres]
 

@@ -9,7 +9,7 @@ through Serve's proxy. Each test prints what it measured (docs/reliability.md).
   acknowledged vote is stored exactly once, and a retry of an acknowledged vote with its
   idempotency key answers with the same id.
 
-    pytest tests/e2e/test_faults.py -m e2e -p no:randomly -s
+    pytest tests/e2e/serving/test_faults.py -m e2e -p no:randomly -s
 """
 
 from __future__ import annotations

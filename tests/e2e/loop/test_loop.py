@@ -8,7 +8,7 @@
 The cycle's gate thresholds are opened here (a few pairs cannot show quality); the demo measures
 quality. Run (several minutes on a 2-core CPU):
 
-    pytest tests/e2e/test_loop.py -m e2e -p no:randomly
+    pytest tests/e2e/loop/test_loop.py -m e2e -p no:randomly
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import httpx
 import pytest
 
 from service.registry import Registry
-from service.settings import EngineSettings, Settings
-from service.store import PreferenceSnapshot, Store
-from tests.conftest import ADMIN_KEY, CHAT_KEY, KEYS, auth
-from tests.e2e.conftest import Service, free_port, wait_ready
+from service.store import PreferenceSnapshot
+from tests.conftest import ADMIN_KEY, CHAT_KEY, auth
+from tests.e2e.conftest import Service
 from training.config import GateConfig, SchedulerConfig, TrainConfig, TrainingSettings
 from training.cycle import CycleContext
 from training.scheduler import tick
@@ -43,30 +42,6 @@ QUESTIONS = [
     "How do I return an item?",
 ]
 PROBE = [{"role": "user", "content": "How do I cancel my subscription?"}]
-
-
-@pytest.fixture(scope="module")
-def loop_service(tmp_path_factory: pytest.TempPathFactory):
-    from deploy.bootstrap import ensure_embedded_model
-    from service import deployment
-
-    data_dir = tmp_path_factory.mktemp("loop-data")
-    settings = Settings(
-        port=free_port(),
-        data_dir=data_dir,
-        model_path=ensure_embedded_model(Settings().data_dir),
-        api_keys=KEYS,
-        ray_address="local",
-        engine=EngineSettings(kv_cache_space_gib=1, max_num_seqs=16),
-    )
-    store = Store(settings.resolved_database_url)
-    try:
-        deployment.deploy(settings)
-        wait_ready(f"http://127.0.0.1:{settings.port}")
-        yield Service(settings, store)
-    finally:
-        store.close()
-        deployment.shutdown()
 
 
 def chat(svc: Service, messages, **params) -> dict:
@@ -230,8 +205,7 @@ def test_swaps_under_steady_load(loop_service: Service):
                 )
 
     # Two clients keep a request in flight at every promotion. The swap waits for the requests in
-    # flight to finish (the engine pauses in "wait" mode), so the 2 s include draining them: with
-    # four clients on the two-core box one swap of a full-suite run took 2.10 s (others 0.68-1.27).
+    # flight to finish (the engine pauses in "wait" mode), so its time includes draining them.
     threads = [threading.Thread(target=client) for _ in range(2)]
     for t in threads:
         t.start()
@@ -255,5 +229,8 @@ def test_swaps_under_steady_load(loop_service: Service):
     for *_, version, text in results:
         assert says_base(text) == (version == "base"), f"{version} answered {text!r}"
     assert {r[3] for r in results} == {"base", other}
+    # In place, not a restart: Serve's rolling restart of the replica takes about 26 s. How fast
+    # a swap is, is bench.swap's to measure (a test's timing on a busy box is not a verdict: swaps
+    # of 0.7-2.1 s were seen here across full-suite runs).
     swap_s = [end - start for start, end in swaps]
-    assert max(swap_s) < 2.0, swap_s
+    assert max(swap_s) < 10.0, swap_s

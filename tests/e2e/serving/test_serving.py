@@ -11,7 +11,7 @@ Covers, against one deployment shared by the module (see `conftest.py`):
 
 Run (several minutes on a 2-core CPU; the `-m` replaces the default marker filter):
 
-    pytest tests/e2e/test_serving.py -m e2e -p no:randomly
+    pytest tests/e2e/serving/test_serving.py -m e2e -p no:randomly
 """
 
 from __future__ import annotations
