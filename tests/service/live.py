@@ -1,15 +1,25 @@
 """A real HTTP server (uvicorn on 127.0.0.1, a free port) around an app, in a thread, and a raw
-socket client for what httpx will not send: bodies that never end, or arrive a byte at a time."""
+socket client for what httpx will not send: bodies that never end, arrive a byte at a time, or are
+30 MB."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import uvicorn
+
+from tests.conftest import CHAT_KEY
+
+T = TypeVar("T")
+BIG = 30 * 1024 * 1024  # 200 messages of 150,000 characters
+CHUNK = 64 * 1024
 
 
 @contextmanager
@@ -67,3 +77,56 @@ def pump(sock: socket.socket, chunks: Iterator[bytes], stop: threading.Event) ->
             sock.sendall(chunk)
     except OSError:
         return  # refused and closed: what the caller is waiting for
+
+
+def big_body(declared: bool) -> tuple[bytes, list[bytes]]:
+    """The head and body chunks of a 30 MB chat, with Content-Length or chunked."""
+    filler = b"x" * CHUNK
+    if declared:
+        return request_head("/v1/chat/completions", CHAT_KEY, f"Content-Length: {BIG}\r\n"), [
+            filler
+        ] * (BIG // CHUNK)
+    framed = b"%x\r\n" % CHUNK + filler + b"\r\n"
+    head = request_head("/v1/chat/completions", CHAT_KEY, "Transfer-Encoding: chunked\r\n")
+    return head, [framed] * (BIG // CHUNK)
+
+
+def refuse_big_body(port: int, declared: bool) -> tuple[int, dict, float]:
+    """Post a 30 MB body, the client sending as fast as it can; the status, the error and the time
+    from the first byte sent to the status line read."""
+    head, chunks = big_body(declared)
+    stop = threading.Event()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        start = time.perf_counter()
+        sock.sendall(head)
+        sender = threading.Thread(target=pump, args=(sock, iter(chunks), stop))
+        sender.start()
+        status, body, answered = read_response(sock)
+        elapsed = answered - start
+        stop.set()
+        with contextlib.suppress(OSError):  # the server may have closed it already
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(10)
+    return status, json.loads(body), elapsed
+
+
+def beside_big_bodies(
+    port: int, measure: Callable[[], T], declared: bool, pause_s: float = 0.0
+) -> tuple[T, list[tuple[int, dict, float]]]:
+    """`measure()` while a thread posts 30 MB chat bodies to `port`, `pause_s` apart; what it
+    returned, and each body's status, error and time to the status line."""
+    refusals: list[tuple[int, dict, float]] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.wait(pause_s):
+            refusals.append(refuse_big_body(port, declared))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        measured = measure()
+    finally:
+        stop.set()
+        sender.join(60)
+    return measured, refusals

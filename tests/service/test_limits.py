@@ -4,7 +4,6 @@ before they are tokenised; tokenising does not block the event loop."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import statistics
@@ -19,11 +18,9 @@ from service.auth import Authenticator
 from service.settings import LimitsSettings
 from tests.conftest import CHAT_KEY, KEYS, auth
 from tests.fakes import FakeEngine
-from tests.service.live import pump, read_response, request_head, serving
+from tests.service.live import beside_big_bodies, pump, read_response, request_head, serving
 
 QUESTION = {"messages": [{"role": "user", "content": "Where is my parcel?"}], "max_tokens": 8}
-BIG = 30 * 1024 * 1024  # the issue's body: 200 messages of 150,000 characters
-CHUNK = 64 * 1024
 
 
 def chat_latencies(port: int, n: int) -> list[float]:
@@ -37,37 +34,6 @@ def chat_latencies(port: int, n: int) -> list[float]:
     return out
 
 
-def big_body(declared: bool) -> tuple[bytes, list[bytes]]:
-    """The head and body chunks of a 30 MB chat, with Content-Length or chunked."""
-    filler = b"x" * CHUNK
-    if declared:
-        return request_head("/v1/chat/completions", CHAT_KEY, f"Content-Length: {BIG}\r\n"), [
-            filler
-        ] * (BIG // CHUNK)
-    framed = b"%x\r\n" % CHUNK + filler + b"\r\n"
-    head = request_head("/v1/chat/completions", CHAT_KEY, "Transfer-Encoding: chunked\r\n")
-    return head, [framed] * (BIG // CHUNK)
-
-
-def refuse_big_body(port: int, declared: bool) -> tuple[int, dict, float]:
-    """Post a 30 MB body, the client sending as fast as it can; the status, the error and the time
-    from the first byte sent to the status line read."""
-    head, chunks = big_body(declared)
-    stop = threading.Event()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        start = time.perf_counter()
-        sock.sendall(head)
-        sender = threading.Thread(target=pump, args=(sock, iter(chunks), stop))
-        sender.start()
-        status, body, answered = read_response(sock)
-        elapsed = answered - start
-        stop.set()
-        with contextlib.suppress(OSError):  # the server may have closed it already
-            sock.shutdown(socket.SHUT_RDWR)
-        sender.join(10)
-    return status, json.loads(body), elapsed
-
-
 @pytest.fixture
 def app(engine, registry):
     return build_app(engine, registry, Authenticator(KEYS))
@@ -78,20 +44,7 @@ def test_oversized_body_is_refused_at_once_without_slowing_a_chat(app, store, de
     with serving(app) as port:
         chat_latencies(port, 5)  # warm-up
         alone = chat_latencies(port, 30)
-        refusals: list[tuple[int, dict, float]] = []
-        stop = threading.Event()
-
-        def flood() -> None:
-            while not stop.is_set():
-                refusals.append(refuse_big_body(port, declared))
-
-        flooder = threading.Thread(target=flood)
-        flooder.start()
-        try:
-            beside = chat_latencies(port, 30)
-        finally:
-            stop.set()
-            flooder.join(30)
+        beside, refusals = beside_big_bodies(port, lambda: chat_latencies(port, 30), declared)
     assert refusals, "no big body was sent while the chats ran"
     for status, body, _ in refusals:
         assert status == 413

@@ -18,7 +18,6 @@ import asyncio
 import os
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 
@@ -28,7 +27,7 @@ import pytest
 
 from tests.conftest import CHAT_KEY, auth
 from tests.e2e.conftest import Service, VoteLoad, answers, assert_votes_kept
-from tests.service.test_limits import refuse_big_body
+from tests.service.live import beside_big_bodies
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
@@ -78,20 +77,9 @@ def test_oversized_body_is_refused_at_once_and_chats_keep_their_latency(service:
     keeps Serve's proxy busy reading bytes, which no limit in the app can prevent.)"""
     chat_latency(service, 3)  # warm-up
     alone = chat_latency(service, 10)
-    refusals: list[tuple[int, dict, float]] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        while not stop.wait(0.5):
-            refusals.append(refuse_big_body(service.settings.port, declared=True))
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
-        beside = chat_latency(service, 10)
-    finally:
-        stop.set()
-        sender.join(60)
+    beside, refusals = beside_big_bodies(
+        service.settings.port, lambda: chat_latency(service, 10), declared=True, pause_s=0.5
+    )
     times = sorted(elapsed for _, _, elapsed in refusals)
     p50_alone, p50_beside = statistics.median(alone), statistics.median(beside)
     print(
