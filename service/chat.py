@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.engine import PolicyEngine, Sampling, resolve_max_tokens
+from service.engine import ChoiceDelta, PolicyEngine, Sampling, TokenLogprob, resolve_max_tokens
 from service.errors import ApiError, Overloaded
 from service.metrics import Metrics
 from service.protocol import (
@@ -25,8 +25,11 @@ from service.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     Usage,
 )
+from service.protocol import TokenLogprob as WireTokenLogprob
+from service.protocol import TopLogprob as WireTopLogprob
 from service.store import Generation, GenerationChoice, GroupCommitWriter, Queued
 
 logger = logging.getLogger(__name__)
@@ -58,11 +61,32 @@ class _Run:
     texts: list[str] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
     finish: list[str | None] = field(default_factory=list)
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     version: str | None = None  # set by the engine's first step
 
     def __post_init__(self) -> None:
         n = self.sampling.n
         self.texts, self.token_ids, self.finish = [""] * n, [[] for _ in range(n)], [None] * n
+        self.logprobs = [[] for _ in range(n)]
+
+    def wire_logprobs(self, tokens: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        """`tokens` in OpenAI's shape, or None when the request did not ask for logprobs."""
+        if self.sampling.logprobs is None:
+            return None
+        return ChoiceLogprobs(
+            content=[
+                WireTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.token.encode()),
+                    top_logprobs=[
+                        WireTopLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+                        for text, lp in t.top
+                    ],
+                )
+                for t in tokens
+            ]
+        )
 
     @property
     def completion_tokens(self) -> int:
@@ -206,6 +230,7 @@ class ChatService:
             max_tokens=max_tokens,
             stop=tuple(req.stop_list),
             seed=req.seed,
+            logprobs=req.top_logprobs_asked,
         )
         return _Run(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -217,9 +242,9 @@ class ChatService:
             stream=req.stream,
         )
 
-    async def _steps(self, run: _Run) -> AsyncIterator[list[tuple[int, str, str | None]]]:
-        """Drive the engine, accumulating into `run`; yields (index, new text, finish) per step.
-        What was generated is charged to the key even when the client leaves mid-stream."""
+    async def _steps(self, run: _Run) -> AsyncIterator[list[ChoiceDelta]]:
+        """Drive the engine, accumulating into `run`; yields each step's deltas. What was
+        generated is charged to the key even when the client leaves mid-stream."""
         try:
             async for step in self._engine.generate(run.id, run.prompt_token_ids, run.sampling):
                 if run.version is None:
@@ -230,7 +255,8 @@ class ChatService:
                     run.texts[d.index] += d.text
                     run.token_ids[d.index].extend(d.token_ids)
                     run.finish[d.index] = d.finish_reason or run.finish[d.index]
-                yield [(d.index, d.text, d.finish_reason) for d in deltas]
+                    run.logprobs[d.index].extend(d.logprobs or ())
+                yield deltas
         finally:
             self._charge(run.api_key, run.completion_tokens)
         self._metrics.tokens.labels("prompt", str(run.version)).inc(len(run.prompt_token_ids))
@@ -280,6 +306,7 @@ class ChatService:
                     index=i,
                     message=AssistantMessage(content=run.texts[i]),
                     finish_reason=run.finish[i],
+                    logprobs=run.wire_logprobs(run.logprobs[i]),
                 )
                 for i in range(run.sampling.n)
             ],
@@ -324,13 +351,13 @@ class ChatService:
                     )
                 choices = [
                     {
-                        "index": i,
-                        "delta": {"content": text} if text else {},
-                        "logprobs": None,
-                        "finish_reason": finish,
+                        "index": d.index,
+                        "delta": {"content": d.text} if d.text else {},
+                        "logprobs": _dumped(run.wire_logprobs(d.logprobs or [])),
+                        "finish_reason": d.finish_reason,
                     }
-                    for i, text, finish in step
-                    if text or finish
+                    for d in step
+                    if d.text or d.finish_reason
                 ]
                 if choices:
                     yield chunk(choices)
@@ -361,6 +388,10 @@ def _log_failure(task: asyncio.Task) -> None:
         logger.error("recording an aborted stream failed: %s", task.exception())
 
 
+def _dumped(logprobs: ChoiceLogprobs | None) -> dict | None:
+    return None if logprobs is None else logprobs.model_dump()
+
+
 def _sampling_record(s: Sampling) -> dict:
     return {
         "n": s.n,
@@ -371,4 +402,5 @@ def _sampling_record(s: Sampling) -> dict:
         "max_tokens": s.max_tokens,
         "stop": list(s.stop),
         "seed": s.seed,
+        "logprobs": s.logprobs,
     }

@@ -31,16 +31,31 @@ class Sampling:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Log-probabilities of the sampled tokens and of this many likeliest at each position (0: the
+    # sampled token's alone); None: none.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's text and log-probability, and the `top` likeliest tokens at its position
+    (text, log-probability), likeliest first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class ChoiceDelta:
-    """New output of one choice since the previous step."""
+    """New output of one choice since the previous step; `logprobs`, one per new token, when the
+    request asked for them."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +239,7 @@ class VllmEngine:
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
+            logprobs=sampling.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
@@ -231,7 +247,13 @@ class VllmEngine:
             try:
                 async for out in self._llm.generate(prompt, params, request_id=request_id):
                     deltas = [
-                        ChoiceDelta(o.index, o.text, list(o.token_ids), o.finish_reason)
+                        ChoiceDelta(
+                            o.index,
+                            o.text,
+                            list(o.token_ids),
+                            o.finish_reason,
+                            _logprobs(o.token_ids, o.logprobs, sampling.logprobs),
+                        )
                         for o in out.outputs
                     ]
                     yield EngineStep(version, deltas)
@@ -262,3 +284,25 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _logprobs(token_ids: Any, positions: Any, top: int | None) -> list[TokenLogprob] | None:
+    """vLLM's logprobs of new tokens (per position, token id -> Logprob with its rank and text;
+    the sampled token is always there, the `top` likeliest too) as `TokenLogprob`s."""
+    if top is None or positions is None:
+        return None
+    out = []
+    for token_id, candidates in zip(token_ids, positions, strict=True):
+        sampled = candidates[token_id]
+        likeliest = sorted(
+            (c for c in candidates.values() if c.rank is not None and c.rank <= top),
+            key=lambda c: c.rank,
+        )
+        out.append(
+            TokenLogprob(
+                sampled.decoded_token or "",
+                sampled.logprob,
+                tuple((c.decoded_token or "", c.logprob) for c in likeliest),
+            )
+        )
+    return out

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_CHOICES = 4
+# OpenAI's bound on `top_logprobs`, and vLLM's default `max_logprobs`.
+MAX_TOP_LOGPROBS = 20
 # One request scores at most this many answers: the forward passes run on the replica's CPU threads.
 MAX_SCORED_ANSWERS = 16
 UNSERVED_FIELDS = (
@@ -16,8 +18,6 @@ UNSERVED_FIELDS = (
     "functions",
     "function_call",
     "response_format",
-    "logprobs",
-    "top_logprobs",
     "logit_bias",
     "audio",
     "modalities",
@@ -79,6 +79,10 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # The answer's tokens with their log-probabilities, and the `top_logprobs` likeliest tokens at
+    # each position, as the engine computed them.
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # OpenAI fields that would change the answer and are not served: named so that a request
     # setting one is refused with a 400 naming it (`service.limits.check_request`) instead of
     # answered as if it had not been sent.
@@ -87,16 +91,14 @@ class ChatCompletionRequest(BaseModel):
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     audio: dict | None = None
     modalities: list[str] | None = None
 
     @property
     def unserved(self) -> list[str]:
-        """The fields set that this API does not serve (a `"text"` response format and
-        `logprobs: false` ask for what it does anyway)."""
+        """The fields set that this API does not serve (a `"text"` response format and text
+        modalities ask for what it does anyway)."""
         names = [
             name for name in UNSERVED_FIELDS if getattr(self, name) not in (None, False, [], {})
         ]
@@ -121,6 +123,13 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stop
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _only_with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("only allowed when logprobs is true")
+        return top
+
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, opts: StreamOptions | None, info: ValidationInfo):
@@ -138,6 +147,11 @@ class ChatCompletionRequest(BaseModel):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        """How many likeliest tokens per position the answer reports; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -150,11 +164,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's UTF-8 bytes: a token can end inside a character
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

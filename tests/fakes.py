@@ -2,7 +2,9 @@
 
 Tokens are characters (token id = code point). Each choice answers with a fixed sentence that names
 the choice and echoes the last message, emitted a few characters per step, so streaming, `n`,
-`max_tokens`, `stop` and `seed` behave as they do on the real engine.
+`max_tokens`, `stop` and `seed` behave as they do on the real engine. Asked for logprobs, each
+character is the likeliest at its position (`logprob_of`), the next code points after it less
+likely by 1 nat each.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from service.engine import ChoiceDelta, EngineStep, Sampling, VersionGate
+from service.engine import ChoiceDelta, EngineStep, Sampling, TokenLogprob, VersionGate
 from service.errors import EngineUnavailable
 
 
@@ -87,10 +89,32 @@ class FakeEngine:
                 if piece:
                     done = pos + 4 >= len(text)
                     step.append(
-                        ChoiceDelta(i, piece, [ord(c) for c in piece], finish if done else None)
+                        ChoiceDelta(
+                            i,
+                            piece,
+                            [ord(c) for c in piece],
+                            finish if done else None,
+                            self._logprobs(piece, sampling.logprobs),
+                        )
                     )
             pos += 4
             yield step
+
+    @staticmethod
+    def logprob_of(char: str) -> float:
+        return -(ord(char) % 5 + 1) / 10
+
+    def _logprobs(self, piece: str, top: int | None) -> list[TokenLogprob] | None:
+        if top is None:
+            return None
+        return [
+            TokenLogprob(
+                c,
+                self.logprob_of(c),
+                tuple((chr(ord(c) + j), self.logprob_of(c) - j) for j in range(top)),
+            )
+            for c in piece
+        ]
 
     async def check_health(self) -> None:
         if self.dead:

@@ -237,7 +237,6 @@ async def test_text_content_parts_are_what_the_model_reads_and_the_store_keeps(
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
         ({"tool_choice": "required"}, "tool_choice", None),
         ({"response_format": {"type": "json_object"}}, "response_format", None),
-        ({"logprobs": True}, "logprobs", None),
         ({"logit_bias": {"42": 5}}, "logit_bias", None),
     ],
 )
@@ -256,3 +255,50 @@ async def test_fields_that_ask_for_what_is_served_anyway_are_accepted(client):
     body = {"messages": QUESTION, "response_format": {"type": "text"}, "logprobs": False}
     r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
+
+
+async def test_logprobs_of_the_answer_and_the_likeliest_tokens(client, store):
+    body = {"messages": QUESTION, "logprobs": True, "top_logprobs": 2, "max_tokens": 12}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    tokens = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in tokens) == choice["message"]["content"]
+    for t in tokens:
+        assert t["logprob"] == FakeEngine.logprob_of(t["token"])
+        assert t["bytes"] == list(t["token"].encode())
+        tops = t["top_logprobs"]
+        assert [x["token"] for x in tops][:1] == [t["token"]] and len(tops) == 2
+        assert tops[0]["logprob"] > tops[1]["logprob"]
+    assert store.get_generation(r.json()["id"]).sampling["logprobs"] == 2
+
+    plain = await client.post("/v1/chat/completions", json={"messages": QUESTION})
+    assert plain.json()["choices"][0]["logprobs"] is None
+    alone = await client.post("/v1/chat/completions", json={"messages": QUESTION, "logprobs": True})
+    assert all(t["top_logprobs"] == [] for t in alone.json()["choices"][0]["logprobs"]["content"])
+
+
+async def test_streamed_logprobs_follow_the_deltas(client):
+    body = {"messages": QUESTION, "logprobs": True, "top_logprobs": 1, "stream": True, "n": 2}
+    r = await client.post("/v1/chat/completions", json=body)
+    events, done = parse_sse(r.text)
+    assert done
+    texts, tokens = ["", ""], ["", ""]
+    for e in events[1:]:
+        for c in e["choices"]:
+            texts[c["index"]] += c["delta"].get("content", "")
+            tokens[c["index"]] += "".join(t["token"] for t in c["logprobs"]["content"])
+    assert texts == tokens and all(texts)
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)
+async def test_top_logprobs_needs_logprobs_and_a_bound(client, change, param):
+    r = await client.post("/v1/chat/completions", json={"messages": QUESTION, **change})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param

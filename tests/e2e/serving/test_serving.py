@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -170,6 +171,35 @@ def test_openai_client_chat_stream_n2_feedback_export(service: Service) -> None:
         (json.dumps(ask), n2_1, False),
         (json.dumps(ask), correction, True),
     }
+
+
+@pytest.mark.timeout(300)
+def test_logprobs_through_the_openai_client(service: Service) -> None:
+    client = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=CHAT_KEY, max_retries=0)
+    ask = [{"role": "user", "content": "Say hello to a new customer."}]
+    greedy = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=16, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = greedy.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    assert len(tokens) == greedy.usage.completion_tokens
+    assert "".join(t.token for t in tokens) == choice.message.content
+    for t in tokens:
+        assert t.logprob <= 0 and bytes(t.bytes) == t.token.encode()
+        tops = [x.logprob for x in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        # Greedy: the token chosen is the likeliest one.
+        assert t.top_logprobs[0].token == t.token and math.isclose(tops[0], t.logprob)
+
+    deltas, streamed = "", ""
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=16, logprobs=True, stream=True
+    ):
+        for c in chunk.choices:
+            deltas += c.delta.content or ""
+            streamed += "".join(t.token for t in (c.logprobs.content if c.logprobs else []))
+    assert deltas and streamed == deltas
 
 
 def pairs(rows: list[dict], prompt, chosen: str, rejected: str) -> set[tuple[str, str, str]]:
