@@ -231,6 +231,8 @@ class ChatService:
             stop=tuple(req.stop_list),
             seed=req.seed,
             logprobs=req.top_logprobs_asked,
+            json_object=req.json_object,
+            json_schema=None if req.json_schema is None else json.dumps(req.json_schema),
         )
         return _Run(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -403,4 +405,6 @@ def _sampling_record(s: Sampling) -> dict:
         "stop": list(s.stop),
         "seed": s.seed,
         "logprobs": s.logprobs,
+        "json_object": s.json_object,
+        "json_schema": None if s.json_schema is None else json.loads(s.json_schema),
     }

@@ -34,6 +34,9 @@ class Sampling:
     # Log-probabilities of the sampled tokens and of this many likeliest at each position (0: the
     # sampled token's alone); None: none.
     logprobs: int | None = None
+    # The answer constrained to a JSON object, or to JSON following this schema (JSON text).
+    json_object: bool = False
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,8 @@ class VllmEngine:
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
     ) -> AsyncIterator[EngineStep]:
         from vllm import SamplingParams, TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         params = SamplingParams(
@@ -240,6 +244,13 @@ class VllmEngine:
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
             logprobs=sampling.logprobs,
+            structured_outputs=(
+                StructuredOutputsParams(
+                    json=sampling.json_schema, json_object=sampling.json_object or None
+                )
+                if sampling.json_object or sampling.json_schema is not None
+                else None
+            ),
             output_kind=RequestOutputKind.DELTA,
         )
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
@@ -257,6 +268,16 @@ class VllmEngine:
                         for o in out.outputs
                     ]
                     yield EngineStep(version, deltas)
+            except VLLMValidationError as exc:
+                # vLLM checks the request when it is added: a schema its grammar cannot express,
+                # or a parameter past the engine's limits.
+                if params.structured_outputs is not None and exc.parameter is None:
+                    raise InvalidRequest(
+                        f"the engine cannot constrain the answer to this response_format: {exc}",
+                        param="response_format",
+                        code="unsupported_response_format",
+                    ) from exc
+                raise InvalidRequest(str(exc), param=exc.parameter) from exc
             except (EngineDeadError, EngineGenerateError) as exc:
                 raise EngineUnavailable(f"the engine failed: {exc}", code="engine_error") from exc
 

@@ -17,7 +17,6 @@ UNSERVED_FIELDS = (
     "tool_choice",
     "functions",
     "function_call",
-    "response_format",
     "logit_bias",
     "audio",
     "modalities",
@@ -56,6 +55,43 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": self.text}
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the answer must follow (enforced by the engine's
+    structured output)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _a_json_schema(cls, schema: dict) -> dict:
+        from jsonschema import Draft202012Validator, SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ValueError(f"not a JSON schema: {exc.message}") from None
+        return schema
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: plain text (the default), any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(default=None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _with_its_type(cls, spec: JsonSchemaFormat | None, info: ValidationInfo):
+        if (spec is not None) != (info.data.get("type") == "json_schema"):
+            raise ValueError('given exactly when type is "json_schema"')
+        return spec
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -83,6 +119,8 @@ class ChatCompletionRequest(BaseModel):
     # each position, as the engine computed them.
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # The answer constrained to JSON (any object, or following a schema) by the engine.
+    response_format: ResponseFormat | None = None
     # OpenAI fields that would change the answer and are not served: named so that a request
     # setting one is refused with a 400 naming it (`service.limits.check_request`) instead of
     # answered as if it had not been sent.
@@ -90,20 +128,17 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
-    response_format: dict | None = None
     logit_bias: dict[str, float] | None = None
     audio: dict | None = None
     modalities: list[str] | None = None
 
     @property
     def unserved(self) -> list[str]:
-        """The fields set that this API does not serve (a `"text"` response format and text
-        modalities ask for what it does anyway)."""
+        """The fields set that this API does not serve (text modalities ask for what it does
+        anyway)."""
         names = [
             name for name in UNSERVED_FIELDS if getattr(self, name) not in (None, False, [], {})
         ]
-        if self.response_format == {"type": "text"}:
-            names.remove("response_format")
         if self.modalities == ["text"]:
             names.remove("modalities")
         return names
@@ -146,6 +181,16 @@ class ChatCompletionRequest(BaseModel):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def json_schema(self) -> dict | None:
+        """The schema the answer must follow, when `response_format` gives one."""
+        fmt = self.response_format
+        return fmt.json_schema.schema_ if fmt is not None and fmt.json_schema else None
+
+    @property
+    def json_object(self) -> bool:
+        return self.response_format is not None and self.response_format.type == "json_object"
 
     @property
     def top_logprobs_asked(self) -> int | None:

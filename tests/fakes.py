@@ -2,7 +2,8 @@
 
 Tokens are characters (token id = code point). Each choice answers with a fixed sentence that names
 the choice and echoes the last message, emitted a few characters per step, so streaming, `n`,
-`max_tokens`, `stop` and `seed` behave as they do on the real engine. Asked for logprobs, each
+`max_tokens`, `stop` and `seed` behave as they do on the real engine; asked for JSON, the sentence
+is the `answer` of a JSON object (whatever the schema). Asked for logprobs, each
 character is the likeliest at its position (`logprob_of`), the next code points after it less
 likely by 1 nat each.
 """
@@ -10,6 +11,7 @@ likely by 1 nat each.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -74,6 +76,8 @@ class FakeEngine:
         plans = []
         for i in range(sampling.n):
             text, finish = self.answer(prompt, i, sampling.seed, version), "stop"
+            if sampling.json_object or sampling.json_schema is not None:
+                text = json.dumps({"answer": text})
             for stop in sampling.stop:
                 if stop in text:
                     text = text[: text.index(stop)]

@@ -236,7 +236,6 @@ async def test_text_content_parts_are_what_the_model_reads_and_the_store_keeps(
         ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
         ({"tool_choice": "required"}, "tool_choice", None),
-        ({"response_format": {"type": "json_object"}}, "response_format", None),
         ({"logit_bias": {"42": 5}}, "logit_bias", None),
     ],
 )
@@ -302,3 +301,60 @@ async def test_top_logprobs_needs_logprobs_and_a_bound(client, change, param):
     r = await client.post("/v1/chat/completions", json={"messages": QUESTION, **change})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "recorded"),
+    [
+        ({"type": "json_object"}, (True, None)),
+        (
+            {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}},
+            (False, SCHEMA),
+        ),
+    ],
+    ids=["json_object", "json_schema"],
+)
+async def test_json_answers_and_their_format_in_the_record(
+    client, store, response_format, recorded
+):
+    body = {"messages": QUESTION, "response_format": response_format}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert set(answer) == {"answer"}
+    sampling = store.get_generation(r.json()["id"]).sampling
+    assert (sampling["json_object"], sampling["json_schema"]) == recorded
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param"),
+    [
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        (
+            {"type": "json_object", "json_schema": {"name": "x", "schema": {}}},
+            "response_format.json_schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"type": "xml"}, "response_format.type"),
+    ],
+)
+async def test_a_response_format_that_cannot_be_followed_is_a_422(
+    client, store, response_format, param
+):
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": QUESTION, "response_format": response_format}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param
+    assert store.count(Generation) == 0

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import psutil
 import pytest
@@ -200,6 +201,43 @@ def test_logprobs_through_the_openai_client(service: Service) -> None:
             deltas += c.delta.content or ""
             streamed += "".join(t.token for t in (c.logprobs.content if c.logprobs else []))
     assert deltas and streamed == deltas
+
+
+@pytest.mark.timeout(300)
+def test_json_schema_answers_through_the_openai_client(service: Service) -> None:
+    # A schema bounds the answer; `json_object` (any object, tested with the fake engine) lets
+    # the embedded model ramble past any token limit.
+    client = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key=CHAT_KEY, max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "days": {"type": "integer", "minimum": 1, "maximum": 30},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    ask = [{"role": "user", "content": "Suggest a city for a holiday and how many days to stay."}]
+    trip = client.chat.completions.create(
+        model=MODEL,
+        messages=ask,
+        max_tokens=96,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": schema}},
+    )
+    assert trip.choices[0].finish_reason == "stop", trip.choices[0].message.content
+    jsonschema.validate(json.loads(trip.choices[0].message.content), schema)
+    assert service.store.get_generation(trip.id).sampling["json_schema"] == schema
+
+    # A valid JSON schema that the engine's grammar cannot express (a look-behind) is a 400.
+    odd = {"type": "string", "pattern": "(?<=a)b"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "odd", "schema": odd}},
+        )  # fmt: skip
+    assert refused.value.body["code"] == "unsupported_response_format"
+    assert refused.value.body["param"] == "response_format"
 
 
 def pairs(rows: list[dict], prompt, chosen: str, rejected: str) -> set[tuple[str, str, str]]:
