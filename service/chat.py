@@ -232,7 +232,7 @@ class ChatService:
             seed=req.seed,
             logprobs=req.top_logprobs_asked,
             json_object=req.json_object,
-            json_schema=None if req.json_schema is None else json.dumps(req.json_schema),
+            json_schema=req.json_schema,
         )
         return _Run(
             id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -406,5 +406,5 @@ def _sampling_record(s: Sampling) -> dict:
         "seed": s.seed,
         "logprobs": s.logprobs,
         "json_object": s.json_object,
-        "json_schema": None if s.json_schema is None else json.loads(s.json_schema),
+        "json_schema": s.json_schema,
     }

@@ -34,9 +34,9 @@ class Sampling:
     # Log-probabilities of the sampled tokens and of this many likeliest at each position (0: the
     # sampled token's alone); None: none.
     logprobs: int | None = None
-    # The answer constrained to a JSON object, or to JSON following this schema (JSON text).
+    # The answer constrained to a JSON object, or to JSON following this schema.
     json_object: bool = False
-    json_schema: str | None = None
+    json_schema: dict | None = None
 
 
 @dataclass(frozen=True)
