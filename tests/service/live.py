@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import httpx
 import uvicorn
 
-from tests.conftest import CHAT_KEY
+from tests.conftest import CHAT_KEY, auth
 
 T = TypeVar("T")
 BIG = 30 * 1024 * 1024  # 200 messages of 150,000 characters
@@ -130,3 +131,17 @@ def beside_big_bodies(
         stop.set()
         sender.join(60)
     return measured, refusals
+
+
+def chat_latencies(port: int, n: int, body: dict, timeout_s: float = 5.0) -> list[float]:
+    """The seconds each of `n` chats (`body`, one after another) took to answer 200."""
+    out = []
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers=auth(CHAT_KEY), timeout=timeout_s
+    ) as c:
+        for _ in range(n):
+            start = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=body)
+            out.append(time.perf_counter() - start)
+            assert r.status_code == 200, r.text
+    return out

@@ -18,20 +18,16 @@ from service.auth import Authenticator
 from service.settings import LimitsSettings
 from tests.conftest import CHAT_KEY, KEYS, auth
 from tests.fakes import FakeEngine
-from tests.service.live import beside_big_bodies, pump, read_response, request_head, serving
+from tests.service.live import (
+    beside_big_bodies,
+    chat_latencies,
+    pump,
+    read_response,
+    request_head,
+    serving,
+)
 
 QUESTION = {"messages": [{"role": "user", "content": "Where is my parcel?"}], "max_tokens": 8}
-
-
-def chat_latencies(port: int, n: int) -> list[float]:
-    out = []
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth(CHAT_KEY)) as c:
-        for _ in range(n):
-            start = time.perf_counter()
-            r = c.post("/v1/chat/completions", json=QUESTION)
-            out.append(time.perf_counter() - start)
-            assert r.status_code == 200, r.text
-    return out
 
 
 @pytest.fixture
@@ -42,9 +38,11 @@ def app(engine, registry):
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 def test_oversized_body_is_refused_at_once_without_slowing_a_chat(app, store, declared):
     with serving(app) as port:
-        chat_latencies(port, 5)  # warm-up
-        alone = chat_latencies(port, 30)
-        beside, refusals = beside_big_bodies(port, lambda: chat_latencies(port, 30), declared)
+        chat_latencies(port, 5, QUESTION)  # warm-up
+        alone = chat_latencies(port, 30, QUESTION)
+        beside, refusals = beside_big_bodies(
+            port, lambda: chat_latencies(port, 30, QUESTION), declared
+        )
     assert refusals, "no big body was sent while the chats ran"
     for status, body, _ in refusals:
         assert status == 413
@@ -72,7 +70,7 @@ def test_trickled_body_is_cut_at_the_deadline_without_holding_up_others(engine, 
     app = build_app(engine, registry, Authenticator(KEYS), AppOptions(limits=limits))
     head = request_head("/v1/chat/completions", CHAT_KEY, "Content-Length: 1000\r\n")
     with serving(app) as port:
-        alone = statistics.median(chat_latencies(port, 10))
+        alone = statistics.median(chat_latencies(port, 10, QUESTION))
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(head)
             start = time.perf_counter()
@@ -85,7 +83,7 @@ def test_trickled_body_is_cut_at_the_deadline_without_holding_up_others(engine, 
 
             sender = threading.Thread(target=pump, args=(sock, trickle(), stop), daemon=True)
             sender.start()
-            during = chat_latencies(port, 10)
+            during = chat_latencies(port, 10, QUESTION)
             status, body, answered = read_response(sock)
             cut_after = answered - start
             stop.set()
@@ -138,7 +136,7 @@ def test_tokenising_does_not_block_other_requests(registry):
     engine = CountingEngine(slow_s=1.0)
     app = build_app(engine, registry, Authenticator(KEYS))
     with serving(app) as port:
-        chat = threading.Thread(target=chat_latencies, args=(port, 1))
+        chat = threading.Thread(target=chat_latencies, args=(port, 1, QUESTION))
         chat.start()
         deadline = time.monotonic() + 5
         while engine.rendered == 0:

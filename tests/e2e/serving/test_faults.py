@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import CHAT_KEY, auth
 from tests.e2e.conftest import Service, VoteLoad, answers, assert_votes_kept
-from tests.service.live import beside_big_bodies
+from tests.service.live import beside_big_bodies, chat_latencies
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
@@ -61,14 +61,7 @@ def response_ids(service: Service) -> Iterator[list[str]]:
 
 def chat_latency(svc: Service, n: int) -> list[float]:
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
-    out = []
-    with httpx.Client(base_url=svc.base_url, headers=auth(CHAT_KEY), timeout=60) as c:
-        for _ in range(n):
-            start = time.perf_counter()
-            r = c.post("/v1/chat/completions", json=body)
-            out.append(time.perf_counter() - start)
-            assert r.status_code == 200, r.text
-    return out
+    return chat_latencies(svc.settings.port, n, body, timeout_s=60)
 
 
 def test_oversized_body_is_refused_at_once_and_chats_keep_their_latency(service: Service) -> None:
