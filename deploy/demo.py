@@ -305,6 +305,10 @@ def _algorithm_lines(run: dict[str, Any]) -> list[str]:
         f"KL coefficient {last.get('kl_coef')}, answer tokens {last.get('answer_tokens')}",
         f"gate: reward-model win rate {gate.get('win_rate')} against the served version, "
         f"KL {gate.get('kl')} nats per answer, length change {gate.get('length_change')}",
+        f"PPO's own effect (against the policy it started from): win rate "
+        f"{gate.get('win_rate_reference')}, score {gate.get('reference_score')} -> "
+        f"{gate.get('candidate_score')}, KL {gate.get('kl_reference')} nats per answer, length "
+        f"change {gate.get('length_change_reference')}",
     ]
 
 

@@ -205,7 +205,8 @@ class GateConfig(BaseModel):
     max_length_change: float = Field(
         default=0.7,
         gt=0,
-        description="rlhf: mean answer length may move at most this share from the served one's",
+        description="rlhf: mean answer length may move at most this share from that of the "
+        "policy PPO started from (the served version's without a PPO stage)",
     )
     eval_prompts: int = Field(
         default=16, ge=1, description="rlhf: held-out prompts the win rate and KL are measured on"

@@ -133,9 +133,14 @@ def _reward_model(
         fail(f"reward-model win rate {stats['win_rate']:.2f} < {cfg.min_win_rate}")
     if stats["kl_reference"] is not None and stats["kl_reference"] > cfg.max_kl:
         fail(f"KL to PPO's reference {stats['kl_reference']:.2f} nats per answer > {cfg.max_kl}")
-    if abs(stats["length_change"]) > cfg.max_length_change:
+    # Like the KL, a PPO candidate's length is judged against PPO's reference: SFT on the users'
+    # own (shorter) answers moves it legitimately, PPO's reward hacking is what the bound is for.
+    change, against = stats["length_change"], "the served version"
+    if stats["length_change_reference"] is not None:
+        change, against = stats["length_change_reference"], "PPO's reference"
+    if abs(change) > cfg.max_length_change:
         fail(
-            f"answer length changed by {stats['length_change']:+.0%} "
+            f"answer length changed by {change:+.0%} from {against} "
             f"(more than {cfg.max_length_change:.0%})"
         )
 

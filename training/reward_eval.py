@@ -8,6 +8,10 @@ on the candidate's own answers, sum_t log p_cand(y_t) - log p_served(y_t), at th
 the quantity PPO's penalty and target are stated in. Reward hacking shows as a high win rate with a
 large KL or a collapsing (or ballooning) length, which the gate bounds.
 
+For a PPO candidate the policy PPO started from (its reference: the SFT version's weights after an
+SFT stage) answers too, so the same numbers separate PPO's own effect (candidate against reference)
+from the whole path's (candidate against the served version).
+
     stats = reward_comparison(candidate_weights, served_weights, check)
 """
 
@@ -50,9 +54,10 @@ def win_rate(candidate: list[float], served: list[float]) -> float:
 def reward_comparison(
     candidate_weights: Path, served_weights: Path, check: RewardCheck
 ) -> dict[str, Any]:
-    """{"prompts", "win_rate", "kl" (to the served version), "kl_reference" (to PPO's reference,
-    or None), "candidate_tokens", "served_tokens", "length_change", "candidate_score",
-    "served_score"} (scores normalised by the reward model's statistics)."""
+    """{"prompts", "win_rate", "kl" (to the served version), "candidate_tokens", "served_tokens",
+    "length_change", "candidate_score", "served_score"} (scores normalised by the reward model's
+    statistics), and for a PPO candidate "kl_reference", "reference_tokens", "reference_score",
+    "win_rate_reference" and "length_change_reference" (each None without a reference)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +67,13 @@ def reward_comparison(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    candidate = AutoModelForCausalLM.from_pretrained(str(candidate_weights), dtype=torch.float32)
-    served = AutoModelForCausalLM.from_pretrained(str(served_weights), dtype=torch.float32)
+    weights = {"candidate": candidate_weights, "served": served_weights}
+    if check.reference_weights is not None:
+        weights["reference"] = check.reference_weights
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        for name, path in weights.items()
+    }
     encoded: Any = tokenizer.apply_chat_template(
         check.prompts,
         tokenize=True,
@@ -73,7 +83,7 @@ def reward_comparison(
         return_tensors="pt",
     )
     answers = {}
-    for name, model in (("candidate", candidate), ("served", served)):
+    for name, model in models.items():
         torch.manual_seed(check.seed)
         with torch.no_grad():
             out = model.eval().generate(
@@ -87,15 +97,15 @@ def reward_comparison(
             )
         answers[name] = _cut_at_eos(out[:, encoded["input_ids"].shape[1] :], tokenizer.eos_token_id)
 
-    kl = _kl_per_answer(candidate, served, encoded, answers["candidate"], check.temperature)
-    kl_reference: float | None = None
-    if check.reference_weights is not None:
-        reference = AutoModelForCausalLM.from_pretrained(
-            str(check.reference_weights), dtype=torch.float32
+    kls = {
+        name: statistics.fmean(
+            _kl_per_answer(
+                models["candidate"], models[name], encoded, answers["candidate"], check.temperature
+            )
         )
-        kl_reference = statistics.fmean(
-            _kl_per_answer(candidate, reference, encoded, answers["candidate"], check.temperature)
-        )
+        for name in models
+        if name != "candidate"
+    }
     scorer = RewardScorer.load(check.reward_model_path)
     mean, std = check.reward_stats["score_mean"], check.reward_stats["score_std"]
     scores = {
@@ -109,18 +119,19 @@ def reward_comparison(
         for name in answers
     }
     tokens = {name: statistics.fmean(len(a) for a in answers[name]) for name in answers}
-    return {
-        "prompts": len(check.prompts),
-        "reward_model": check.reward_model_id,
-        "win_rate": win_rate(scores["candidate"], scores["served"]),
-        "kl": statistics.fmean(kl),
-        "kl_reference": kl_reference,
-        "candidate_tokens": tokens["candidate"],
-        "served_tokens": tokens["served"],
-        "length_change": tokens["candidate"] / max(tokens["served"], 1.0) - 1.0,
-        "candidate_score": statistics.fmean(scores["candidate"]),
-        "served_score": statistics.fmean(scores["served"]),
-    }
+    stats: dict[str, Any] = {"prompts": len(check.prompts), "reward_model": check.reward_model_id}
+    for other, suffix in (("served", ""), ("reference", "_reference")):
+        known = other in models
+        stats[f"win_rate{suffix}"] = win_rate(scores["candidate"], scores[other]) if known else None
+        stats[f"kl{suffix}"] = kls[other] if known else None
+        stats[f"length_change{suffix}"] = (
+            tokens["candidate"] / max(tokens[other], 1.0) - 1.0 if known else None
+        )
+        stats[f"{other}_tokens"] = tokens[other] if known else None
+        stats[f"{other}_score"] = statistics.fmean(scores[other]) if known else None
+    stats["candidate_tokens"] = tokens["candidate"]
+    stats["candidate_score"] = statistics.fmean(scores["candidate"])
+    return stats
 
 
 def _cut_at_eos(answers: Any, eos_id: int) -> list[list[int]]:

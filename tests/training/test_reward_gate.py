@@ -113,9 +113,51 @@ def test_a_candidate_far_from_the_served_version_is_rejected_on_kl(
     assert unbounded.metrics["reward_model"]["kl"] > 1.0
     # As a PPO candidate that started from the base, its KL to that reference is bounded.
     result = judge(registry, drifted, tiny_reward_dir, decides=True, reference=base, **loose)
-    assert result.metrics["reward_model"]["kl_reference"] > 1.0
+    stats = result.metrics["reward_model"]
+    assert stats["kl_reference"] > 1.0
     assert not result.passed
     assert len(result.reasons) == 1 and result.reasons[0].startswith("KL to PPO's reference")
+    # The reference (here the served weights) answered with the same seed: the same answers, so
+    # PPO's own effect equals the whole path's.
+    assert stats["reference_score"] == stats["served_score"]
+    assert stats["win_rate_reference"] == stats["win_rate"]
+    assert stats["kl_reference"] == pytest.approx(stats["kl"], rel=1e-4)
+    assert stats["reference_tokens"] == stats["served_tokens"]
+
+
+@pytest.mark.parametrize("after_ppo", [False, True])
+def test_length_is_judged_against_ppos_reference_when_there_is_one(
+    registry, tmp_path, tiny_reward_dir, monkeypatch, after_ppo
+) -> None:
+    """SFT halved the answers (-60% against the served version), PPO kept the SFT length (-5%):
+    a PPO candidate passes, a candidate without a PPO stage is held to the served version's."""
+    import training.reward_eval
+
+    measured = {
+        "prompts": 2, "reward_model": "rm-test", "win_rate": 1.0, "kl": 30.0,
+        "length_change": -0.6, "candidate_tokens": 20.0, "served_tokens": 50.0,
+        "candidate_score": 1.0, "served_score": -1.0, "win_rate_reference": None,
+        "kl_reference": None, "length_change_reference": None, "reference_tokens": None,
+        "reference_score": None,
+    }  # fmt: skip
+    if after_ppo:
+        measured |= {
+            "win_rate_reference": 0.5, "kl_reference": 2.0, "length_change_reference": -0.05,
+            "reference_tokens": 21.0, "reference_score": 0.9,
+        }  # fmt: skip
+    monkeypatch.setattr(training.reward_eval, "reward_comparison", lambda *a: dict(measured))
+    candidate = full_copy(registry, tmp_path, "v-short", noise=0.0)
+    reference = registry.weights_path(registry.get("base")) if after_ppo else None
+    result = judge(
+        registry, candidate, tiny_reward_dir, decides=True, reference=reference,
+        max_length_change=0.5,
+    )  # fmt: skip
+    if after_ppo:
+        assert result.passed, result.reasons
+    else:
+        assert result.reasons == [
+            "answer length changed by -60% from the served version (more than 50%)"
+        ]
 
 
 def test_for_a_dpo_candidate_the_numbers_are_reported_only(
