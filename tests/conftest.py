@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.training import byte_tokenizer
 from service.app import build_app
 from service.auth import Authenticator
 from service.registry import Registry
@@ -106,3 +107,50 @@ async def client(engine: FakeEngine, registry: Registry) -> AsyncIterator[httpx.
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         c.headers.update(auth(CHAT_KEY))
         yield c
+
+
+# Tiny models: a random-weight 2-layer Llama (hidden 64) with a byte-level tokenizer (256 byte
+# tokens + 3 specials) and a ChatML chat template, built from code; nothing is read from a model
+# hub or the embedded model folder, and building both takes well under a second.
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved HF folder (safetensors, float32, tied embeddings) like the embedded model's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)  # float32, torch's default
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama under a random one-label scalar head, saved with its tokenizer: a reward
+    model (and the value model PPO starts from) for the PPO loop and the gate."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-reward")
+    torch.manual_seed(2)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path

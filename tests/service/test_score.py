@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from bench.training import byte_tokenizer
 from service.registry import Registry
 from service.scoring import RewardScorer
 from tests.conftest import ADMIN_KEY, CHAT_KEY, auth
@@ -33,33 +32,6 @@ STATS = {
     "heldout_pairs": 8,
 }
 ADMIN = auth(ADMIN_KEY)
-
-
-@pytest.fixture(scope="module")
-def tiny_reward_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved one-label sequence classifier with its tokenizer, as reward training writes it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-reward")
-    tokenizer = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        num_labels=1,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(2)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def publish_reward(
@@ -103,9 +75,9 @@ def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 async def test_scores_are_the_reward_models_own(
-    client, registry, tmp_path, tiny_reward_weights, monkeypatch
+    client, registry, tmp_path, tiny_reward_dir, monkeypatch
 ):
-    publish_reward(registry, tmp_path, tiny_reward_weights, "rm1")
+    publish_reward(registry, tmp_path, tiny_reward_dir, "rm1")
     weights = registry.weights_path(registry.get("rm1"))
     expected = RewardScorer.load(weights).score([QUESTION] * 2, ANSWERS)
     loaded = count_loads(monkeypatch)
@@ -137,10 +109,10 @@ async def test_scores_are_the_reward_models_own(
 
 
 async def test_named_reward_model_and_missing_statistics(
-    client, registry, tmp_path, tiny_reward_weights
+    client, registry, tmp_path, tiny_reward_dir
 ):
-    publish_reward(registry, tmp_path, tiny_reward_weights, "rm-old", stats=None)
-    publish_reward(registry, tmp_path, tiny_reward_weights, "rm-new")
+    publish_reward(registry, tmp_path, tiny_reward_dir, "rm-old", stats=None)
+    publish_reward(registry, tmp_path, tiny_reward_dir, "rm-new")
     body = {"messages": QUESTION, "answers": ANSWERS}
 
     latest = (await client.post("/v1/admin/score", json=body, headers=ADMIN)).json()
@@ -206,9 +178,9 @@ async def test_scoring_needs_admin(client):
 
 
 async def test_reward_versions_are_listed_with_a_summary_and_never_promoted(
-    client, registry, tmp_path, tiny_reward_weights
+    client, registry, tmp_path, tiny_reward_dir
 ):
-    publish_reward(registry, tmp_path, tiny_reward_weights, "rm1")
+    publish_reward(registry, tmp_path, tiny_reward_dir, "rm1")
     listed = (await client.get("/v1/admin/versions", headers=ADMIN)).json()
     views = {v["id"]: v for v in listed["data"]}
     assert views["rm1"]["kind"] == "reward" and views["rm1"]["status"] == "approved"
