@@ -282,6 +282,14 @@ class _Cycle:
     work: Path
     stages: dict[str, float]
 
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        """A stage, recorded with the run as soon as it ends: `prefloop status` and the demo show
+        the SFT and reward-model stages while PPO still trains."""
+        with _stage(self.stages, name):
+            yield
+        update_run(self.ctx.store, self.run_id, stages=dict(self.stages))
+
     def preference(
         self, parent: ModelVersion, pset: preference_sets.PreferenceSet, algorithm: str
     ) -> Stages:
@@ -317,7 +325,7 @@ class _Cycle:
         weights_id = parent.weights_id if parent.kind == "lora" else parent.id
         base_weights = registry.weights_path(registry.get(weights_id))
         out = self.work / stage
-        with _stage(self.stages, stage):
+        with self._timed(stage):
             result = run_training(
                 TrainJob(
                     run_id=self.run_id,
@@ -333,7 +341,7 @@ class _Cycle:
             shutil.rmtree(out / "ray_results", ignore_errors=True)  # Ray's records, not a result
             if cfg.lora:
                 merge_adapter(base_weights, out / "adapter", out / "weights", ctx.tokenizer_path)
-        with _stage(self.stages, "register" if stage == "train" else f"{stage}_register"):
+        with self._timed("register" if stage == "train" else f"{stage}_register"):
             return registry.publish(
                 version_id=new_version_id(),
                 parent=parent,
@@ -358,7 +366,7 @@ class _Cycle:
             logger.info("run %s reuses reward model %s", self.run_id, reusable.id)
             return reusable
         out = self.work / "reward_model"
-        with _stage(self.stages, "reward_model"):
+        with self._timed("reward_model"):
             result = run_training(
                 TrainJob(
                     run_id=self.run_id,
@@ -405,7 +413,7 @@ class _Cycle:
             )
         )
         out = self.work / "ppo"
-        with _stage(self.stages, "train"):
+        with self._timed("train"):
             result = run_ppo(
                 PPOJob(
                     run_id=self.run_id,
@@ -420,7 +428,7 @@ class _Cycle:
             )
             shutil.rmtree(out / "ray_results", ignore_errors=True)
             merge_adapter(start_weights, out / "adapter", out / "weights", ctx.tokenizer_path)
-        with _stage(self.stages, "register"):
+        with self._timed("register"):
             return registry.publish(
                 version_id=new_version_id(),
                 parent=start,

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import training.cycle as cycle_module
 import training.ppo.trainer as ppo_module
 import training.trainer as trainer_module
 from service.registry import Registry
@@ -106,7 +107,12 @@ async def give_feedback(client: Any, questions: list[str]) -> None:
 
 
 async def test_sft_reward_model_ppo_then_promotion_and_reuse(
-    client: Any, registry: Registry, tmp_path: Path, tiny_model_dir: Path, in_process: dict
+    client: Any,
+    registry: Registry,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    in_process: dict,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ctx = CycleContext(
         registry=registry,
@@ -115,9 +121,21 @@ async def test_sft_reward_model_ppo_then_promotion_and_reuse(
         canary=lambda weights, tokenizer, prompt: "Open Settings.",
     )
     await give_feedback(client, [f"How do I change setting number {i}?" for i in range(12)])
+    recorded: list[set[str]] = []
+    record = cycle_module.update_run
+
+    def spy(store: Any, run_id: str, **fields: Any) -> None:
+        if "stages" in fields:
+            recorded.append(set(fields["stages"]))
+        record(store, run_id, **fields)
+
+    monkeypatch.setattr(cycle_module, "update_run", spy)
     run = run_cycle(ctx, queue_run(registry.store, "manual", "ops").id)
 
     assert run.status == "promoted", run.error
+    # Each training stage was recorded as it ended, before PPO's: progress shows while it trains.
+    assert {"snapshot", "sft"} in recorded and {"snapshot", "sft", "sft_register"} in recorded
+    assert {"snapshot", "sft", "sft_register", "reward_model"} in recorded
     assert run.algorithm == "rlhf"
     assert in_process == {"sft": 1, "reward": 1, "ppo": 1}
     assert set(run.stages) >= {"snapshot", "sft", "reward_model", "train", "register", "gate"}
