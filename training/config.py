@@ -83,7 +83,15 @@ class PPOConfig(BaseModel):
     # Each iteration of 16 answers costs about 95 s on the 2-core box (rollout 23 s, scoring
     # passes 20 s, two epochs of updates 50 s): six keep the PPO stage near ten minutes.
     iterations: int = Field(default=6, ge=1, description="rollout batches per job")
-    rollouts_per_iteration: int = Field(default=16, ge=2, description="prompts sampled each time")
+    rollouts_per_iteration: int = Field(default=16, ge=2, description="answers sampled each time")
+    advantage: Literal["gae", "rloo"] = Field(
+        default="gae",
+        description="gae: GAE on a value model's per-token values; rloo: each answer's return "
+        "against the other answers to its prompt (leave-one-out, no value model)",
+    )
+    samples_per_prompt: int = Field(
+        default=1, ge=1, description="answers per prompt in a batch; rloo needs at least 2"
+    )
     epochs: int = Field(default=2, ge=1, description="PPO epochs over each rollout batch")
     minibatch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=96, ge=8, le=1024)
@@ -116,6 +124,17 @@ class PPOConfig(BaseModel):
     missing_eos_penalty: float = Field(
         default=1.0, ge=0, description="subtracted from the score of an answer that never ended"
     )
+
+    @model_validator(mode="after")
+    def _groups(self) -> PPOConfig:
+        if self.rollouts_per_iteration % self.samples_per_prompt:
+            raise ValueError(
+                f"rollouts_per_iteration ({self.rollouts_per_iteration}) must be a multiple of "
+                f"samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("advantage rloo needs samples_per_prompt >= 2 (answers to compare)")
+        return self
 
 
 class TrainConfig(BaseModel):

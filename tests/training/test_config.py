@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from pydantic import ValidationError
 
 from deploy.loop import training_settings
 from service.settings import Settings, SettingsError
+from training.config import PPOConfig
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +59,16 @@ def test_unknown_config_file_keys_are_named_by_their_path(monkeypatch, tmp_path,
     with pytest.raises(SettingsError) as exc:
         training_settings(Settings(data_dir=tmp_path))
     assert str(exc.value) == f"unknown settings: {cfg}: {named} (see README, Configuration)"
+
+
+@pytest.mark.parametrize(
+    ("ppo", "message"),
+    [
+        ({"advantage": "rloo"}, "samples_per_prompt >= 2"),
+        ({"samples_per_prompt": 3}, "rollouts_per_iteration \\(16\\) must be a multiple"),
+    ],
+)
+def test_ppo_groups_must_be_formable(ppo, message):
+    with pytest.raises(ValidationError, match=message):
+        PPOConfig(**ppo)
+    assert PPOConfig(advantage="rloo", samples_per_prompt=4).rollouts_per_iteration == 16

@@ -24,6 +24,7 @@ from training.ppo.losses import (
     masked_var,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     shaped_rewards,
     value_loss,
 )
@@ -182,6 +183,27 @@ def test_gae_outputs_carry_no_gradient() -> None:
     adv, ret = gae_advantages(t([[0.0, 1.0]]), values, t([[1, 1]]), gamma=1.0, lam=1.0)
     assert not adv.requires_grad
     assert not ret.requires_grad
+
+
+# --- leave-one-out baseline ----------------------------------------------------------------------
+
+
+def test_rloo_each_answer_against_the_others_to_its_prompt() -> None:
+    # Prompt A's three answers returned 1, 2, 6; prompt B's 0, 0, 3.
+    # A: 1 - (2+6)/2 = -3,  2 - (1+6)/2 = -1.5,  6 - (1+2)/2 = 4.5
+    # B: 0 - (0+3)/2 = -1.5, again -1.5,         3 - (0+0)/2 = 3
+    returns = t([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]).requires_grad_()
+    advantages = rloo_advantages(returns, group_size=3)
+    assert_close(advantages, t([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    assert not advantages.requires_grad
+    # Pairs: each answer's advantage is its difference from the other.
+    assert_close(rloo_advantages(t([1.0, 4.0]), group_size=2), t([-3.0, 3.0]))
+
+
+@pytest.mark.parametrize(("size", "group"), [(4, 1), (5, 2)])
+def test_rloo_refuses_groups_it_cannot_form(size: int, group: int) -> None:
+    with pytest.raises(ValueError, match="groups of k >= 2"):
+        rloo_advantages(torch.zeros(size), group_size=group)
 
 
 # --- policy and value losses ---------------------------------------------------------------------

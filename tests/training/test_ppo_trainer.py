@@ -51,6 +51,7 @@ def models(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["before"] = {
             (role, name): p.detach().clone()
             for role, model in (("policy", policy), ("value", value))
+            if model is not None
             for name, p in model.named_parameters()
             if p.requires_grad
         }
@@ -130,6 +131,43 @@ def test_one_iteration_moves_every_trainable_parameter_and_lowers_the_surrogate(
         p.name for p in out.iterdir()
     }
     assert json.loads((out / "train_metrics.json").read_text())["episodes"] == 4
+
+
+def test_leave_one_out_iteration_trains_the_policy_without_a_value_model(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_reward_dir: Path,
+    tiny_config: Callable,
+    models: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    batches: list[list] = []
+    iteration = ppo_module._iteration
+
+    def recorded(prompts: list, *args: Any) -> dict[str, float]:
+        batches.append(prompts)
+        return iteration(prompts, *args)
+
+    monkeypatch.setattr(ppo_module, "_iteration", recorded)
+    job = make_ppo_job(
+        tmp_path, tiny_model_dir, tiny_reward_dir, tiny_config,
+        advantage="rloo", samples_per_prompt=2, rollouts_per_iteration=6, minibatch_size=6,
+    )  # fmt: skip
+    (step,) = ppo_loop(job.to_dict())["step_metrics"]
+
+    # Three prompts, each answered twice side by side (the groups the baseline compares).
+    (batch,) = batches
+    assert len(batch) == 6 and batch[0::2] == batch[1::2] and len({str(p) for p in batch}) == 3
+    assert models["value"] is None and {role for role, _ in models["before"]} == {"policy"}
+    after = dict(models["policy"].named_parameters())
+    unchanged = [n for (_, n), p in models["before"].items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, f"parameters that did not move: {unchanged}"
+    assert step.keys() >= METRICS - {"explained_variance", "value_loss", "vf_clipfrac"}
+    assert not step.keys() & {"explained_variance", "value_loss", "vf_clipfrac"}
+    assert step["policy_loss_last_epoch"] < step["policy_loss_first_epoch"]
+    assert all(math.isfinite(v) for v in step.values())
 
 
 def test_the_adaptive_coefficient_moves_between_iterations(

@@ -1,5 +1,6 @@
 """The tensor math of PPO for RLHF on language models: masked statistics, KL estimators, reward
-shaping, GAE, the clipped policy and value losses, and the KL-coefficient controllers.
+shaping, GAE and the leave-one-out baseline, the clipped policy and value losses, and the
+KL-coefficient controllers.
 
 Pure functions over tensors, importing only torch (no models, no I/O, no `torch.distributed`), so
 the PPO loop stays thin and every equation here is pinned to hand-computed numbers in
@@ -122,6 +123,25 @@ def gae_advantages(
         next_value, next_advantage = values[:, t] * m[:, t], advantage
     stacked = torch.stack(advantages[::-1], dim=1)
     return stacked, (stacked + values) * m
+
+
+def rloo_advantages(returns: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024): each answer's
+    return against the mean return of the other answers to the same prompt,
+        A_i = R_i - 1 / (k - 1) * sum_{j != i} R_j = k / (k - 1) * (R_i - mean_group(R)),
+    for a batch of groups of k consecutive answers to one prompt. It needs no value model, and
+    every token of an answer shares its answer's advantage, so no token's credit depends on where
+    in the answer it stands.
+    returns: (B,) with B a multiple of k, k >= 2 -> (B,), detached.
+    """
+    if group_size < 2 or returns.shape[0] % group_size:
+        raise ValueError(
+            f"rloo_advantages needs groups of k >= 2 answers, got k={group_size} for "
+            f"{returns.shape[0]} returns"
+        )
+    groups = returns.detach().reshape(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return (centred * group_size / (group_size - 1)).reshape(-1)
 
 
 def policy_loss(

@@ -5,20 +5,23 @@
                             reward_stats={"score_mean": 0.1, "score_std": 1.3},
                             prompts_file=prompts_jsonl, output_dir=out, config=TrainConfig()))
 
-Each iteration samples `ppo.rollouts_per_iteration` prompts, lets the policy answer them
-(`generate` on the policy being trained: on-policy by construction, no weight copy to an engine),
-scores every answer with the reward model through its own forward on the chat template
-(`service.scoring`), normalised by the reward model's score statistics, and shapes per-token
-rewards as -beta * KL(policy || reference) plus that score at the answer's last token, minus a
-penalty for an answer that never ended. GAE on the value model's per-token values gives the
-advantages (whitened); `ppo.epochs` passes of minibatches then minimise the clipped surrogate,
-the clipped value loss and the entropy bonus. beta follows the adaptive controller.
+Each iteration samples `ppo.rollouts_per_iteration / ppo.samples_per_prompt` prompts, lets the
+policy answer each of them `ppo.samples_per_prompt` times (`generate` on the policy being trained:
+on-policy by construction, no weight copy to an engine), scores every answer with the reward model
+through its own forward on the chat template (`service.scoring`), normalised by the reward model's
+score statistics, and shapes per-token rewards as -beta * KL(policy || reference) plus that score
+at the answer's last token, minus a penalty for an answer that never ended. The advantages
+(`ppo.advantage`) come from GAE on the value model's per-token values, whitened, or from the
+leave-one-out baseline: an answer's summed reward against the other answers to its prompt, the
+same for all its tokens, scaled to unit variance. `ppo.epochs` passes of minibatches then minimise
+the clipped surrogate, the clipped value loss (GAE only) and the entropy bonus. beta follows the
+adaptive controller.
 
 The policy is a fresh LoRA on the starting weights; the reference is the same model with the
-adapter off, so no second copy is held. The value model is the reward model with a LoRA of its
-own and its scalar head applied to every position. Sequences are prompt (left-padded) + answer;
-every forward passes explicit position ids so padding never shifts positions between sampling
-and scoring, and log-probs are taken at the sampling temperature.
+adapter off, so no second copy is held. The value model (GAE only) is the reward model with a LoRA
+of its own and its scalar head applied to every position. Sequences are prompt (left-padded) +
+answer; every forward passes explicit position ids so padding never shifts positions between
+sampling and scoring, and log-probs are taken at the sampling temperature.
 """
 
 from __future__ import annotations
@@ -132,12 +135,15 @@ def ppo_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     policy, value_model, reward_model = _load_models(job, use_bf16, device)
     params = [
-        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": ppo.learning_rate},
-        {
-            "params": [p for p in value_model.parameters() if p.requires_grad],
-            "lr": ppo.value_learning_rate,
-        },
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": ppo.learning_rate}
     ]
+    if value_model is not None:
+        params.append(
+            {
+                "params": [p for p in value_model.parameters() if p.requires_grad],
+                "lr": ppo.value_learning_rate,
+            }
+        )
     # eps 1e-5 as in the N+ details: PyTorch's 1e-8 made early updates aggressive.
     optimizer = torch.optim.AdamW(params, eps=1e-5, weight_decay=0.0)
     from training.ppo.losses import AdaptiveKLController, FixedKLController
@@ -156,11 +162,15 @@ def ppo_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
     order: list[int] = []
     try:
         for iteration in range(1, ppo.iterations + 1):
-            while len(order) < ppo.rollouts_per_iteration:  # epochs over the prompts, shuffled
+            asked = ppo.rollouts_per_iteration // ppo.samples_per_prompt
+            while len(order) < asked:  # epochs over the prompts, shuffled
                 fresh = list(range(len(prompts)))
                 rng.shuffle(fresh)
                 order.extend(fresh)
-            batch = [prompts[order.pop(0)] for _ in range(ppo.rollouts_per_iteration)]
+            batch = [
+                prompts[i] for i in order[:asked] for _ in range(ppo.samples_per_prompt)
+            ]  # each prompt's answers side by side: the groups the leave-one-out baseline reads
+            del order[:asked]
             metrics = _iteration(
                 batch, policy, value_model, reward_model, tokenizer, optimizer, kl_ctl, job, device
             )
@@ -190,10 +200,10 @@ def ppo_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _load_models(job: PPOJob, use_bf16: bool, device: Any) -> tuple[Any, Any, Any]:
-    """(policy with a fresh LoRA, value model with a LoRA and a trainable head, frozen reward
-    model). The frozen weights are bf16 where the hardware computes it natively; adapters and the
-    value head stay float32."""
+def _load_models(job: PPOJob, use_bf16: bool, device: Any) -> tuple[Any, Any | None, Any]:
+    """(policy with a fresh LoRA, value model with a LoRA and a trainable head or None without
+    GAE, frozen reward model). The frozen weights are bf16 where the hardware computes it
+    natively; adapters and the value head stay float32."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -213,19 +223,22 @@ def _load_models(job: PPOJob, use_bf16: bool, device: Any) -> tuple[Any, Any, An
 
     policy: Any = AutoModelForCausalLM.from_pretrained(str(job.start_model_path), dtype=dtype)
     policy = get_peft_model(policy, lora("CAUSAL_LM"))
-    value: Any = AutoModelForSequenceClassification.from_pretrained(
-        str(job.reward_model_path), num_labels=1, dtype=dtype
-    )
-    value = get_peft_model(value, lora("SEQ_CLS"))
-    for module in value.modules():  # the head PEFT copies to train: float32 master weights
-        if module.__class__.__name__ == "ModulesToSaveWrapper":
-            module.float()
+    value: Any = None
+    if cfg.ppo.advantage == "gae":
+        value = AutoModelForSequenceClassification.from_pretrained(
+            str(job.reward_model_path), num_labels=1, dtype=dtype
+        )
+        value = get_peft_model(value, lora("SEQ_CLS"))
+        for module in value.modules():  # the head PEFT copies to train: float32 master weights
+            if module.__class__.__name__ == "ModulesToSaveWrapper":
+                module.float()
     reward = AutoModelForSequenceClassification.from_pretrained(
         str(job.reward_model_path), num_labels=1, dtype=torch.float32
     )
     for model in (policy, value, reward):
-        disable_dropout_in_model(model)
-        model.to(device)
+        if model is not None:
+            disable_dropout_in_model(model)
+            model.to(device)
     reward.eval().requires_grad_(False)
     return policy, value, reward
 
@@ -319,7 +332,7 @@ def _values(value_model: Any, r: Rollout, rows: Any, stats: dict[str, float]) ->
 def _iteration(
     prompts: list[list[dict]],
     policy: Any,
-    value_model: Any,
+    value_model: Any | None,
     reward_model: Any,
     tokenizer: Any,
     optimizer: Any,
@@ -346,7 +359,6 @@ def _iteration(
             ref_logits = _answer_logits(policy, r, everything)
         ref_logprobs = losses.logprobs_from_logits(ref_logits, answers, ppo.temperature)
         del logits, ref_logits
-        old_values = _values(value_model, r, everything, job.reward_stats)
         raw = score_ids(
             reward_model,
             [render(tokenizer, p, t) for p, t in zip(prompts, r.texts, strict=True)],
@@ -362,12 +374,22 @@ def _iteration(
         rewards = losses.shaped_rewards(scores.to(device), kl, r.mask, kl_ctl.value)
         if ppo.whiten_rewards:
             rewards = losses.masked_whiten(rewards, r.mask, shift_mean=False)
-        advantages, returns = losses.gae_advantages(rewards, old_values, r.mask, ppo.gamma, ppo.lam)
-        advantages = losses.masked_whiten(advantages, r.mask)
+        if value_model is None:
+            # Each prompt's answers are already centred on each other; shifting by the token-
+            # weighted mean would hand the longer answers' sign to every token, so scale only.
+            per_answer = losses.rloo_advantages(rewards.sum(dim=1), ppo.samples_per_prompt)
+            advantages = losses.masked_whiten(per_answer[:, None] * r.mask, r.mask, False)
+        else:
+            old_values = _values(value_model, r, everything, job.reward_stats)
+            advantages, returns = losses.gae_advantages(
+                rewards, old_values, r.mask, ppo.gamma, ppo.lam
+            )
+            advantages = losses.masked_whiten(advantages, r.mask)
 
     scored = time.perf_counter()
     policy.train()
-    value_model.train()
+    if value_model is not None:
+        value_model.train()
     seen: dict[str, list[float]] = {}
     surrogate_by_epoch: list[list[float]] = []
     for _ in range(ppo.epochs):
@@ -376,15 +398,18 @@ def _iteration(
             mask = r.mask[rows]
             logits = _answer_logits(policy, r, rows)
             logprobs = losses.logprobs_from_logits(logits, answers[rows], ppo.temperature)
-            pg_loss, pg_stats = losses.policy_loss(
+            pg_loss, step_stats = losses.policy_loss(
                 logprobs, old_logprobs[rows], advantages[rows], mask, ppo.clip_range
             )
-            values = _values(value_model, r, rows, job.reward_stats)
-            vf_loss, vf_stats = losses.value_loss(
-                values, old_values[rows], returns[rows], mask, ppo.value_clip_range
-            )
             entropy = losses.masked_mean(losses.entropy_from_logits(logits.float()), mask)
-            loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * entropy
+            loss = pg_loss - ppo.entropy_coef * entropy
+            if value_model is not None:
+                values = _values(value_model, r, rows, job.reward_stats)
+                vf_loss, vf_stats = losses.value_loss(
+                    values, old_values[rows], returns[rows], mask, ppo.value_clip_range
+                )
+                loss = loss + ppo.vf_coef * vf_loss
+                step_stats |= {"value_loss": vf_loss, **vf_stats}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(
@@ -392,27 +417,20 @@ def _iteration(
             )
             optimizer.step()
             surrogate_by_epoch[-1].append(float(pg_loss.detach()))
-            for name, value in {
-                "policy_loss": pg_loss,
-                "value_loss": vf_loss,
-                "entropy": entropy,
-                **pg_stats,
-                **vf_stats,
-            }.items():
+            for name, value in {"policy_loss": pg_loss, "entropy": entropy, **step_stats}.items():
                 seen.setdefault(name, []).append(float(value.detach()))
 
     kl_per_answer = kl.sum(dim=1)
     mean_kl = float(kl_per_answer.mean())
     coef = kl_ctl.value
     kl_ctl.update(mean_kl, len(prompts))
-    return {
+    metrics = {
         "reward": statistics.fmean(raw),
         "score": float(scores.mean()),
         "kl": mean_kl,
         "kl_coef": coef,
         "answer_tokens": answer_tokens / len(prompts),
         "eos_rate": statistics.fmean(float(e) for e in r.ended),
-        "explained_variance": float(losses.explained_variance(old_values, returns, r.mask)),
         **{name: statistics.fmean(v) for name, v in seen.items()},
         # The surrogate before the first update and in the last epoch: PPO should lower it.
         "policy_loss_first_epoch": statistics.fmean(surrogate_by_epoch[0]),
@@ -423,3 +441,8 @@ def _iteration(
         "update_s": time.perf_counter() - scored,
         "iteration_s": time.perf_counter() - started,
     }
+    if value_model is not None:
+        metrics["explained_variance"] = float(
+            losses.explained_variance(old_values, returns, r.mask)
+        )
+    return metrics
