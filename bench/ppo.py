@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=3, help="PPO iterations of the loop")
     parser.add_argument(
-        "--prompts", type=int, default=16, help="the rollout batch: prompts per iteration"
+        "--prompts", type=int, default=16, help="the rollout batch: answers per iteration"
     )
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--vllm-worker", type=Path, help=argparse.SUPPRESS)

@@ -64,7 +64,7 @@ def test_unknown_config_file_keys_are_named_by_their_path(monkeypatch, tmp_path,
 @pytest.mark.parametrize(
     ("ppo", "message"),
     [
-        ({"advantage": "rloo"}, "samples_per_prompt >= 2"),
+        ({"samples_per_prompt": 1}, "samples_per_prompt >= 2"),
         ({"samples_per_prompt": 3}, "rollouts_per_iteration \\(16\\) must be a multiple"),
     ],
 )

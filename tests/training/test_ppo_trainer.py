@@ -89,7 +89,7 @@ def make_ppo_job(
     )
 
 
-def test_one_iteration_moves_every_trainable_parameter_and_lowers_the_surrogate(
+def test_one_gae_iteration_moves_every_trainable_parameter_and_lowers_the_surrogate(
     tmp_path: Path,
     tiny_model_dir: Path,
     tiny_reward_dir: Path,
@@ -98,7 +98,14 @@ def test_one_iteration_moves_every_trainable_parameter_and_lowers_the_surrogate(
 ) -> None:
     import torch
 
-    job = make_ppo_job(tmp_path, tiny_model_dir, tiny_reward_dir, tiny_config)
+    job = make_ppo_job(
+        tmp_path,
+        tiny_model_dir,
+        tiny_reward_dir,
+        tiny_config,
+        advantage="gae",
+        samples_per_prompt=1,
+    )
     summary = ppo_loop(job.to_dict())
 
     after = {

@@ -141,7 +141,7 @@ async def test_sft_reward_model_ppo_then_promotion_and_reuse(
     assert set(run.stages) >= {"snapshot", "sft", "reward_model", "train", "register", "gate"}
     # PPO's iterations are the run's step metrics.
     assert [s["step"] for s in run.step_metrics] == [1, 2]
-    assert {"reward", "kl", "kl_coef", "clipfrac", "explained_variance"} <= set(run.step_metrics[0])
+    assert {"reward", "kl", "kl_coef", "clipfrac", "approx_kl"} <= set(run.step_metrics[0])
 
     by_kind = {v.algorithm: v for v in registry.versions() if v.id != "base"}
     sft, reward, ppo = by_kind["sft"], by_kind["reward"], by_kind["ppo"]
