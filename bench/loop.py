@@ -11,8 +11,9 @@ cycle; the cycle snapshots, trains DPO on Ray Train, merges, registers, gates (h
 and a vLLM canary) and promotes; the replica swaps. The clock starts when the Nth training pair
 became available (the newest feedback behind each pair of the snapshot, Nth in time order) and
 stops when the replica answers `/v1/models` with the new version. The time for 64 pairs is then
-projected from the same run: the work that grows with the pairs (the trainer's setup, with its
-reference pass over every row, and its training steps) scaled to 64, the rest as measured.
+projected from the same run: the work that grows with the pairs (each training job's setup, with
+its reference pass over every row, and its steps: the SFT stage's and DPO's) scaled to 64, the
+rest as measured.
 
 With `--profile` the training job's worker is sampled with py-spy and the summary of where its
 time goes goes into the result.
@@ -93,6 +94,21 @@ def _ts(value: datetime) -> float:
     from datetime import UTC
 
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def growing_seconds(registry: Any, version_id: str) -> float:
+    """The training time that grows with the pairs: each job's trainer setup (with its reference
+    pass over every row) and its steps, for the candidate and the SFT version it started from."""
+    version = registry.get(version_id)
+    jobs = [version]
+    parent = registry.get(version.parent_id) if version.parent_id else None
+    if parent is not None and parent.algorithm == "sft":
+        jobs.append(parent)
+    return sum(
+        float(v.metrics.get("train", {}).get(key, 0.0))
+        for v in jobs
+        for key in ("train_runtime", "trainer_setup_s")
+    )
 
 
 def wait_serving(url: str, version: str, timeout_s: float) -> float | None:
@@ -221,7 +237,7 @@ def run(args: argparse.Namespace, result: Result) -> None:
         [[name, round(s, 1), f"{s / total:.0%}"] for name, s in stages.items()]
         + [["total", round(total, 1), "100%"]],
     )
-    growing = float(train.get("train_runtime", 0.0)) + float(train.get("trainer_setup_s", 0.0))
+    growing = growing_seconds(ctx.registry, run.candidate_version_id)
     projected = total + growing * (GOAL_PAIRS / n - 1)
     result.target(
         f"{GOAL_PAIRS} new pairs -> new version serving"

@@ -5,9 +5,9 @@
 1. serve the embedded model with the scheduler running;
 2. measure the simulated users' approval on the held-out prompts;
 3. simulated users chat (n=2 comparisons and thumbs) and vote by the scenario's rubric until the
-   scheduler has enough pairs, trains on Ray Train (DPO by default; SFT -> reward model -> PPO with
-   PREFLOOP_TRAIN__ALGORITHM=rlhf), gates and promotes the result, while a steady client keeps
-   chatting to count failed requests around the swap;
+   scheduler has enough pairs, trains on Ray Train (SFT then DPO by default; SFT -> reward model
+   -> PPO with PREFLOOP_TRAIN__ALGORITHM=rlhf), gates and promotes the result, while a steady
+   client keeps chatting to count failed requests around the swap;
 4. measure approval again; print a report and write report.json and report.png beside it.
 """
 

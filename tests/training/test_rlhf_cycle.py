@@ -1,7 +1,8 @@
 """The RLHF path through one cycle on tiny random-weight models, without Ray: feedback sent
 through the API -> snapshot -> SFT -> reward model -> PPO -> gate -> promotion, and the next cycle
-reusing the reward model. The training jobs run in this process (the same worker functions Ray
-Train runs); only the vLLM canary is a stand-in (it needs the real engine, covered in e2e)."""
+reusing the reward model; and DPO's own SFT stage (`train.sft_first`). The training jobs run in
+this process (the same worker functions Ray Train runs); only the vLLM canary is a stand-in (it
+needs the real engine, covered in e2e)."""
 
 from __future__ import annotations
 
@@ -164,3 +165,37 @@ async def test_sft_reward_model_ppo_then_promotion_and_reuse(
     assert "reward_model" not in second.stages
     newest = registry.get(second.candidate_version_id)
     assert newest.metrics["reward_model"] == reward.id
+
+
+@pytest.mark.parametrize("sft_first", [True, False])
+async def test_dpo_starts_from_an_sft_stage_on_the_corrections_unless_switched_off(
+    client: Any,
+    registry: Registry,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    in_process: dict,
+    sft_first: bool,
+) -> None:
+    config = settings(tmp_path, tiny_model_dir)
+    config.train = config.train.model_copy(update={"algorithm": "dpo", "sft_first": sft_first})
+    config.gate = config.gate.model_copy(update={"min_accuracy": 0.0, "min_margin": -1e9})
+    ctx = CycleContext(
+        registry=registry,
+        settings=config,
+        database_url=registry.store.url,
+        canary=lambda weights, tokenizer, prompt: "Open Settings.",
+    )
+    await give_feedback(client, [f"How do I change setting number {i}?" for i in range(12)])
+    run = run_cycle(ctx, queue_run(registry.store, "manual", "ops").id)
+
+    assert run.status == "promoted", run.error
+    assert in_process == ({"sft": 1, "dpo": 1} if sft_first else {"dpo": 1})
+    assert ("sft" in run.stages) is sft_first
+    dpo = registry.get(run.candidate_version_id)
+    assert dpo.algorithm == "dpo" and dpo.weights_id == "base"
+    parent = registry.get(dpo.parent_id)
+    if sft_first:
+        # DPO trains the SFT version's adapter further, against it as the reference.
+        assert (parent.algorithm, parent.parent_id, parent.status) == ("sft", "base", "candidate")
+    else:
+        assert parent.id == "base"
