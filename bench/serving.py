@@ -197,7 +197,11 @@ def engine_args(settings: Any, model: Path) -> dict[str, Any]:
         captured.append(args)
         return mock.MagicMock()
 
-    with mock.patch.object(AsyncLLM, "from_engine_args", side_effect=record):
+    # The stand-in has no vocabulary for the engine's longest-token measure to read.
+    with (
+        mock.patch.object(AsyncLLM, "from_engine_args", side_effect=record),
+        mock.patch("service.engine.longest_token", return_value=1),
+    ):
         VllmEngine(settings, model, "bench", model)
     args, defaults = captured[0], AsyncEngineArgs(model=str(model))
     changed = {
