@@ -80,8 +80,8 @@ class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=True, description="rlhf: false stops after the reward model")
-    # Each iteration of 16 answers costs about 67 s on the 2-core box with rloo (95 s with GAE's
-    # value model): six keep the PPO stage near seven minutes.
+    # Each iteration of 16 answers costs 33-60 s on the 2-core box with rloo (about 95 s with
+    # GAE's value model): six kept the demo's PPO stage at 262-278 s.
     iterations: int = Field(default=6, ge=1, description="rollout batches per job")
     rollouts_per_iteration: int = Field(default=16, ge=2, description="answers sampled each time")
     # rloo by default: at initialisation the value model (the reward model's head on every
