@@ -1,18 +1,20 @@
 """`make demo`: the whole loop on the embedded model, driven only through the public HTTP API.
 
-    python -m deploy.demo          (settings from PREFLOOP_...; runs in <data_dir>/demo, fresh)
+    python -m deploy.demo [--cycles 3]   (settings from PREFLOOP_...; in <data_dir>/demo, fresh)
 
 1. serve the embedded model with the scheduler running;
 2. measure the simulated users' approval on the held-out prompts;
 3. simulated users chat (n=2 comparisons and thumbs) and vote by the scenario's rubric until the
-   scheduler has enough pairs, trains on Ray Train (SFT then DPO by default; SFT -> reward model
-   -> PPO with PREFLOOP_TRAIN__ALGORITHM=rlhf), gates and promotes the result, while a steady
-   client keeps chatting to count failed requests around the swap;
-4. measure approval again; print a report and write report.json and report.png beside it.
+   scheduler has enough new pairs, trains on Ray Train (SFT then DPO by default; SFT -> reward
+   model -> PPO with PREFLOOP_TRAIN__ALGORITHM=rlhf), gates and promotes the result, while a
+   steady client keeps chatting to count failed requests around the swap;
+4. measure approval of what serves now; repeat 3-4 (new feedback on the new version each time);
+   print a report and write report.json and report.png beside it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -29,7 +31,7 @@ import httpx
 
 from deploy.bootstrap import ensure_embedded_model
 from deploy.simulation.scenario import load_scenario
-from deploy.simulation.users import ApprovalReport, make_client, measure_approval, run_traffic
+from deploy.simulation.users import make_client, measure_approval, run_traffic
 from service.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("prefloop.demo")
@@ -43,6 +45,9 @@ TRAFFIC_ROUND = 32  # conversations between two looks at the scheduler
 PAIRWISE_SHARE = 0.5
 CORRECTION_SHARE = 1.0
 MAX_ROUNDS = 20  # the demo gives up instead of running forever
+# Three cycles in a row show whether a second and third cycle on the new version's feedback keep
+# what the first learned.
+CYCLES = 3
 # A DPO cycle takes a few minutes here; the RLHF path's three jobs (SFT, reward model, PPO) more.
 CYCLE_TIMEOUT_S = 1800
 SWAP_WAIT_S = 30
@@ -100,77 +105,113 @@ def _headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {admin[0].key.get_secret_value()}"} if admin else {}
 
 
-async def drive(settings: Settings, ctx: Any) -> dict[str, Any]:
-    from service.runs import recent_runs
-
+async def drive(settings: Settings, ctx: Any, cycles: int) -> dict[str, Any]:
+    """Approval of the base, then `cycles` times: traffic until the scheduler starts a cycle,
+    the cycle (a steady client chatting through its gate and swap), approval of what serves now."""
     scenario = load_scenario()
     base_url = f"http://127.0.0.1:{settings.port}"
     headers = _headers(settings)
     key = headers.get("Authorization", "")[7:] or None
-    report: dict[str, Any] = {"heldout_prompts": len(scenario.heldout)}
+    report: dict[str, Any] = {
+        "heldout_prompts": len(scenario.heldout),
+        "samples_per_prompt": SAMPLES_PER_PROMPT,
+        "cycles": [],
+    }
+    rounds = 0  # traffic rounds so far: each round's seed differs from every earlier one's
     async with make_client(base_url, key) as client:
-        before = await measure_approval(
-            client, scenario, scenario.heldout, SAMPLES_PER_PROMPT, SEED
-        )
-        print(
-            f"approval before: {before.approval:.1%} of {before.samples} held-out answers "
-            f"(mean {before.mean_words:.0f} words)",
-            flush=True,
-        )
-        traffic = []
-        cycle_started = time.time()
-        for round_no in range(MAX_ROUNDS):
-            if any(r.status != "skipped" for r in recent_runs(ctx.store)):
-                break  # a cycle is queued or running: leave it the CPU
-            stats = await run_traffic(
-                client,
-                scenario,
-                TRAFFIC_ROUND,
-                concurrency=8,
-                seed=SEED + round_no,
-                pairwise_share=PAIRWISE_SHARE,
-                correction_share=CORRECTION_SHARE,
-            )
-            traffic.append(stats)
-            print(
-                f"traffic round {round_no + 1}: {stats.completed} conversations, "
-                f"{stats.approved}/{stats.answers} answers approved, votes {stats.votes}",
-                flush=True,
-            )
-        # The steady client starts once training is done, so it does not take the training's CPU;
-        # it still covers the gate (its canary loads a second engine) and the swap.
-        shown: set[str] = set()
-        await asyncio.to_thread(_wait_for_cycle, ctx, shown, "train")
-        steady = SteadyClient(base_url, headers)
-        steady_thread = threading.Thread(target=steady.run, daemon=True)
-        steady_thread.start()
-        run = await asyncio.to_thread(_wait_for_cycle, ctx, shown)
-        if run is not None and run.status == "promoted":
-            await asyncio.to_thread(steady.wait_for, run.candidate_version_id, SWAP_WAIT_S)
-        steady.stop()
-        steady_thread.join()
-        after: ApprovalReport | None = None
-        if run is not None and run.status == "promoted":
-            after = await measure_approval(
-                client, scenario, scenario.heldout, SAMPLES_PER_PROMPT, SEED
-            )
-            print(
-                f"approval after: {after.approval:.1%} (mean {after.mean_words:.0f} words)",
-                flush=True,
-            )
-    report.update(_summarise(ctx, run, before, after, traffic, steady, cycle_started))
+        served = await _approval(client, scenario, "base", "approval of the base")
+        report["base"] = served
+        for number in range(1, cycles + 1):
+            cycle, rounds = await _one_cycle(ctx, client, base_url, headers, scenario, rounds)
+            cycle["number"] = number
+            run = cycle["run"]
+            if run is not None and run["status"] == "promoted":
+                served = await _approval(
+                    client, scenario, run["candidate"], f"approval after cycle {number}"
+                )
+            cycle["served"] = served
+            report["cycles"].append(cycle)
+            if run is None:
+                break  # no cycle finished in time: the next would not either
     return report
 
 
-def _wait_for_cycle(ctx: Any, shown: set[str], stage: str | None = None):
-    """The first cycle once it finished (or, with `stage`, once that stage is done); prints each
-    stage as it ends (those in `shown` were printed already)."""
+async def _approval(client: Any, scenario: Any, version: str, label: str) -> dict[str, Any]:
+    """The held-out approval of the version serving now, printed and as the report keeps it."""
+    measured = await measure_approval(client, scenario, scenario.heldout, SAMPLES_PER_PROMPT, SEED)
+    print(
+        f"{label}: {measured.approval:.1%} of {measured.samples} held-out answers "
+        f"(mean {measured.mean_words:.0f} words)",
+        flush=True,
+    )
+    return {
+        "version": version,
+        "approval": measured.approval,
+        "by_topic": measured.by_topic,
+        "words": measured.mean_words,
+        "samples": measured.samples,
+        "failures": measured.failures,
+    }
+
+
+async def _one_cycle(
+    ctx: Any,
+    client: Any,
+    base_url: str,
+    headers: dict[str, str],
+    scenario: Any,
+    rounds: int,
+) -> tuple[dict[str, Any], int]:
+    """Traffic until the scheduler starts a cycle, then that cycle to its end; (what the report
+    keeps of it, traffic rounds so far)."""
+    from service.runs import recent_runs
+
+    earlier = {r.id for r in recent_runs(ctx.store)}
+    traffic = []
+    started = time.time()
+    for _ in range(MAX_ROUNDS):
+        if any(r.status != "skipped" and r.id not in earlier for r in recent_runs(ctx.store)):
+            break  # a cycle is queued or running: leave it the CPU
+        stats = await run_traffic(
+            client,
+            scenario,
+            TRAFFIC_ROUND,
+            concurrency=8,
+            seed=SEED + rounds,
+            pairwise_share=PAIRWISE_SHARE,
+            correction_share=CORRECTION_SHARE,
+        )
+        rounds += 1
+        traffic.append(stats)
+        print(
+            f"traffic round {rounds}: {stats.completed} conversations, "
+            f"{stats.approved}/{stats.answers} answers approved, votes {stats.votes}",
+            flush=True,
+        )
+    # The steady client starts once training is done, so it does not take the training's CPU;
+    # it still covers the gate (its canary loads weights into an engine) and the swap.
+    shown: set[str] = set()
+    await asyncio.to_thread(_wait_for_cycle, ctx, earlier, shown, "train")
+    steady = SteadyClient(base_url, headers)
+    steady_thread = threading.Thread(target=steady.run, daemon=True)
+    steady_thread.start()
+    run = await asyncio.to_thread(_wait_for_cycle, ctx, earlier, shown)
+    if run is not None and run.status == "promoted":
+        await asyncio.to_thread(steady.wait_for, run.candidate_version_id, SWAP_WAIT_S)
+    steady.stop()
+    steady_thread.join()
+    return _summarise(ctx, run, traffic, steady, started), rounds
+
+
+def _wait_for_cycle(ctx: Any, earlier: set[str], shown: set[str], stage: str | None = None):
+    """The first cycle not in `earlier` once it finished (or, with `stage`, once that stage is
+    done); prints each stage as it ends (those in `shown` were printed already)."""
     from service.runs import recent_runs
 
     deadline = time.time() + CYCLE_TIMEOUT_S
     while time.time() < deadline:
         for run in recent_runs(ctx.store):
-            if run.status == "skipped":
+            if run.status == "skipped" or run.id in earlier:
                 continue
             for name, seconds in run.stages.items():
                 if name not in shown:
@@ -182,12 +223,8 @@ def _wait_for_cycle(ctx: Any, shown: set[str], stage: str | None = None):
     return None
 
 
-def _summarise(ctx, run, before, after, traffic, steady, cycle_started) -> dict[str, Any]:
+def _summarise(ctx, run, traffic, steady, traffic_started) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "approval_before": before.approval,
-        "approval_after": after.approval if after else None,
-        "words_before": before.mean_words,
-        "words_after": after.mean_words if after else None,
         "conversations": sum(t.completed for t in traffic),
         "traffic_failures": sum(t.failures for t in traffic),
         "steady_requests": len(steady.results),
@@ -215,7 +252,7 @@ def _summarise(ctx, run, before, after, traffic, steady, cycle_started) -> dict[
         measured = ctx.registry.get(reward_id).metrics.get("train", {}).get("reward_model", {})
         out["run"]["reward_model"] = {"id": reward_id, **measured}
     out["cycle_s"] = round((run.finished_at.timestamp() - run.started_at.timestamp()), 1)
-    out["feedback_to_served_s"] = round(run.finished_at.timestamp() - cycle_started, 1)
+    out["feedback_to_served_s"] = round(run.finished_at.timestamp() - traffic_started, 1)
     if run.status == "promoted":
         promoted_at = ctx.registry.history(1)[0].created_at.timestamp()
         first_new = next(
@@ -233,63 +270,107 @@ def _summarise(ctx, run, before, after, traffic, steady, cycle_started) -> dict[
     return out
 
 
+def _served(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, approval measurement) of the base and of each cycle's outcome."""
+    return [("base", report["base"])] + [
+        (f"cycle {c['number']}", c["served"]) for c in report["cycles"]
+    ]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    run = report.get("run") or {}
-    steps = run.get("steps") or []
-    ppo = run.get("algorithm") == "rlhf"
-    keys = (
-        ("score", "kl", "kl_coef", "clipfrac")
-        if ppo
-        else ("loss", "rewards/accuracies", "rewards/margins")
-    )
-    for key in keys:
-        points = [(i + 1, s[key]) for i, s in enumerate(steps) if key in s]
+    fig, ((approval, words), (stages, curves)) = plt.subplots(2, 2, figsize=(12, 8))
+    served = _served(report)
+    labels = [label for label, _ in served]
+    x = range(len(served))
+    for topic in report["base"]["by_topic"]:
+        values = [m["by_topic"].get(topic, 0.0) * 100 for _, m in served]
+        approval.plot(x, values, marker=".", linewidth=0.8, alpha=0.6, label=topic)
+    overall = [m["approval"] * 100 for _, m in served]
+    approval.plot(x, overall, marker="o", color="black", linewidth=2.5, label="all held-out")
+    approval.set(title="held-out approval of the version serving", ylabel="%", ylim=(0, 100))
+    approval.set_xticks(list(x), labels)
+    approval.legend(fontsize=7)
+    words.bar(labels, [m["words"] for _, m in served], color="teal")
+    words.set(title="mean answer length", ylabel="words")
+    bottom = [0.0] * len(report["cycles"])
+    names = [f"cycle {c['number']}" for c in report["cycles"]]
+    for stage in dict.fromkeys(s for c in report["cycles"] for s in _stages(c)):
+        seconds = [_stages(c).get(stage, 0.0) for c in report["cycles"]]
+        stages.bar(names, seconds, bottom=bottom, label=stage)
+        bottom = [b + s for b, s in zip(bottom, seconds, strict=True)]
+    stages.set(title="cycle stages", ylabel="seconds")
+    stages.legend(fontsize=7)
+    ppo = any((c["run"] or {}).get("algorithm") == "rlhf" for c in report["cycles"])
+    key = "score" if ppo else "rewards/accuracies"
+    for cycle in report["cycles"]:
+        points = [(i + 1, s[key]) for i, s in enumerate(_steps(cycle)) if key in s]
         if points:
-            curves.plot(*zip(*points, strict=True), label=key, marker=".")
+            curves.plot(*zip(*points, strict=True), marker=".", label=f"cycle {cycle['number']}")
     curves.set(
-        title="PPO (normalised reward, KL per answer)" if ppo else "DPO training",
+        title="PPO: normalised reward per iteration" if ppo else "DPO: reward accuracy per step",
         xlabel="iteration" if ppo else "step",
     )
-    curves.legend()
-    labels = ["base"] + (
-        [report["run"]["candidate"]] if report.get("approval_after") is not None else []
-    )
-    values = [report["approval_before"]] + (
-        [report["approval_after"]] if report.get("approval_after") is not None else []
-    )
-    bars.bar([label[:18] for label in labels], [v * 100 for v in values], color=["grey", "teal"])
-    bars.set(title="held-out approval by version", ylabel="% approved", ylim=(0, 100))
+    curves.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def _stages(cycle: dict[str, Any]) -> dict[str, float]:
+    return (cycle["run"] or {}).get("stages_s") or {}
+
+
+def _steps(cycle: dict[str, Any]) -> list[dict[str, float]]:
+    return (cycle["run"] or {}).get("steps") or []
+
+
 def print_report(report: dict[str, Any]) -> None:
-    run = report.get("run") or {}
-    before, after = report["approval_before"], report.get("approval_after")
+    served = _served(report)
+    base = report["base"]["approval"]
+    answers = report["heldout_prompts"] * report["samples_per_prompt"]
     lines = [
         "",
         "prefloop demo report",
         "--------------------",
-        f"held-out approval before: {before:.1%}",
-        f"held-out approval after:  {after:.1%}  ({(after - before) * 100:+.1f} points)"
-        if after is not None
-        else "held-out approval after:  (no new version served)",
-        f"training run: {run.get('id')} {run.get('status')}"
-        + (f" ({run.get('error')})" if run.get("error") else ""),
-        *_algorithm_lines(run),
-        f"cycle time: {report.get('cycle_s')} s (stages {run.get('stages_s')})",
-        f"first vote to new version serving: {report.get('feedback_to_served_s')} s",
-        f"swap time (promotion -> first response from it): {report.get('swap_s')} s",
-        f"requests failed during the swap: {report.get('failed_during_swap')}; "
-        f"in the whole demo: {report['steady_failures'] + report['traffic_failures']} of "
-        f"{report['steady_requests']} steady + the traffic's requests",
+        f"held-out approval ({answers} answers to {report['heldout_prompts']} questions per "
+        "measurement) of the version serving:",
     ]
+    previous = base
+    for label, m in served:
+        change = (
+            ""
+            if label == "base"
+            else f"{(m['approval'] - base) * 100:+.1f} on the base, "
+            f"{(m['approval'] - previous) * 100:+.1f} on the cycle before; "
+        )
+        previous = m["approval"]
+        lines.append(
+            f"  {label:<8} {m['version'][:22]:<22} {m['approval']:6.1%}  "
+            f"({change}mean {m['words']:.0f} words)"
+        )
+    lines.append("by topic (% approved):")
+    for topic in report["base"]["by_topic"]:
+        values = " -> ".join(f"{m['by_topic'].get(topic, 0.0) * 100:.0f}" for _, m in served)
+        lines.append(f"  {topic:<24} {values}")
+    for cycle in report["cycles"]:
+        run = cycle["run"] or {}
+        lines += [
+            f"cycle {cycle['number']}: run {run.get('id')} {run.get('status')}"
+            + (f" ({run.get('error')})" if run.get("error") else ""),
+            *[f"  {line}" for line in _algorithm_lines(run)],
+            f"  {cycle['conversations']} conversations; cycle {cycle.get('cycle_s')} s "
+            f"(stages {run.get('stages_s')})",
+            f"  first vote to new version serving {cycle.get('feedback_to_served_s')} s; swap "
+            f"{cycle.get('swap_s')} s; requests failed during the swap: "
+            f"{cycle.get('failed_during_swap')}",
+        ]
+    failed = sum(c["steady_failures"] + c["traffic_failures"] for c in report["cycles"])
+    steady = sum(c["steady_requests"] for c in report["cycles"])
+    lines.append(f"requests failed in the whole demo: {failed} ({steady} steady + the traffic's)")
     print("\n".join(lines), flush=True)
 
 
@@ -325,7 +406,14 @@ def log_to_file(path: Path) -> None:
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--cycles", type=int, default=CYCLES, help=f"training cycles in a row (default {CYCLES})"
+    )
+    args = parser.parse_args(argv)
+    if args.cycles < 1:
+        parser.error(f"--cycles {args.cycles}: at least 1")
     try:
         settings = demo_settings()
     except SettingsError as exc:
@@ -336,14 +424,14 @@ def main() -> int:
     print(f"demo in {settings.data_dir}; logs: {log}, Ray's workers: {RAY_WORKER_LOGS}", flush=True)
     started = time.monotonic()
     try:
-        return run(settings, started)
+        return run(settings, started, args.cycles)
     except Exception:
         logging.getLogger("prefloop.demo").exception("the demo failed")
         print(f"demo failed after {time.monotonic() - started:.0f} s; see {log}", flush=True)
         return 1
 
 
-def run(settings: Settings, started: float) -> int:
+def run(settings: Settings, started: float, cycles: int) -> int:
     from deploy.loop import cycle_context
     from service import deployment
     from training.scheduler import Scheduler
@@ -359,7 +447,7 @@ def run(settings: Settings, started: float) -> int:
             f"({time.monotonic() - started:.0f} s to start)",
             flush=True,
         )
-        report = asyncio.run(drive(settings, ctx))
+        report = asyncio.run(drive(settings, ctx, cycles))
     finally:
         scheduler.stop()
         deployment.shutdown()
