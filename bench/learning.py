@@ -1,16 +1,17 @@
 """The learning target of DESIGN.md (the quality row), read from the demo's report.
 
-`make demo` (deploy/demo.py) measures the simulated users' approval of the held-out prompts before
-and after one training cycle and writes `<data dir>/demo/report.json`; no benchmark script
-trains to a lift, so `bench.report` takes the row from there:
+`make demo` (deploy/demo.py) measures the simulated users' approval of the held-out prompts on the
+base and after each of three training cycles in a row, and writes `<data dir>/demo/report.json`;
+no benchmark script trains to a lift, so `bench.report` takes the rows from there:
 
 - held-out approval lift of one cycle, in points, against DESIGN.md's >= 30. Each approval is a
   share of `heldout_prompts x SAMPLES_PER_PROMPT` judged answers, so the lift carries sampling
   noise (about 3-4 points at 128 answers, DESIGN.md); its approximate 95% interval (two binomial
   samples) is the spread the verdict rests on, as the benchmarks' rounds are;
-- held-out preference accuracy of the promoted candidate (the gate's, or the reward model's on
-  the RLHF path), against >= 0.9, with a Wilson 95% interval over its held-out pairs;
-- "three cycles keep it rising": the demo runs one cycle, so it is not measured.
+- held-out preference accuracy of the first cycle's candidate (the gate's, or the reward model's
+  on the RLHF path), against >= 0.9, with a Wilson 95% interval over its held-out pairs;
+- three cycles keep approval: after the third cycle against after the first, higher or equal
+  within noise (met unless the whole interval of the change lies below zero).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Row:
     detail: str = ""
     missing: str = ""  # why there is no value
     goal_text: str = ""  # the goal in words, where it is no number
+    noise_meets: bool = False  # an interval that straddles the goal meets it ("equal within noise")
 
     @property
     def goal_shown(self) -> str:
@@ -58,6 +60,8 @@ class Row:
             return f"not measured ({self.missing})" if self.missing else "not measured"
         met = settle(self.low, self.high, self.goal, self.direction)
         if met is None:
+            if self.noise_meets:
+                return "met (equal within noise)"
             return "not settled (its 95% interval straddles the goal)"
         return "met" if met else "missed"
 
@@ -89,13 +93,32 @@ def wilson_interval(share: float, n: int) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def lift_row(report: dict[str, Any], samples_per_prompt: int) -> Row:
+def _answers(report: dict[str, Any]) -> int:
+    return int(report.get("heldout_prompts") or 0) * int(report.get("samples_per_prompt") or 0)
+
+
+def _served_after(cycle: dict[str, Any]) -> float | None:
+    """The approval a cycle's own candidate earned; None when it was not promoted."""
+    run = cycle.get("run") or {}
+    if run.get("status") != "promoted":
+        return None
+    return (cycle.get("served") or {}).get("approval")
+
+
+def _first_run(report: dict[str, Any]) -> dict[str, Any]:
+    cycles = report.get("cycles") or [{}]
+    return cycles[0].get("run") or {}
+
+
+def lift_row(report: dict[str, Any]) -> Row:
     target = "held-out approval lift of one cycle"
-    before, after = report.get("approval_before"), report.get("approval_after")
-    answers = int(report.get("heldout_prompts") or 0) * samples_per_prompt
+    before = (report.get("base") or {}).get("approval")
+    after = _served_after((report.get("cycles") or [{}])[0])
+    answers = _answers(report)
     if before is None or after is None or not answers:
-        run = report.get("run") or {}
-        why = f"no new version was served; training run {run.get('status', 'absent')}"
+        why = (
+            f"no new version was served; training run {_first_run(report).get('status', 'absent')}"
+        )
         return Row(target, None, None, None, LIFT_GOAL_POINTS, ">=", "points", missing=why)
     lift, low, high = lift_interval(before, after, answers)
     detail = f"approval {before:.1%} -> {after:.1%} of {answers} judged answers each"
@@ -103,7 +126,7 @@ def lift_row(report: dict[str, Any], samples_per_prompt: int) -> Row:
 
 
 def accuracy_row(report: dict[str, Any]) -> Row:
-    run = report.get("run") or {}
+    run = _first_run(report)
     if run.get("algorithm") == "rlhf":
         target = "reward model's held-out preference accuracy"
         reward = run.get("reward_model") or {}
@@ -118,28 +141,35 @@ def accuracy_row(report: dict[str, Any]) -> Row:
     return Row(target, float(share), low, high, ACCURACY_GOAL, ">=", "", f"{pairs} pairs")
 
 
-def rising_row() -> Row:
+def rising_row(report: dict[str, Any]) -> Row:
+    """Approval of what serves after the third cycle against after the first (a rejected cycle
+    leaves the version before it serving, and its approval stands)."""
+    target = "three cycles keep approval"
+    cycles = report.get("cycles") or []
+    goal = "after the 3rd >= after the 1st, within noise"
+    first = _served_after(cycles[0]) if cycles else None
+    if len(cycles) < 3 or first is None:
+        why = (
+            f"the demo ran {len(cycles)} cycle(s)"
+            if len(cycles) < 3
+            else "the first cycle served no new version"
+        )
+        return Row(target, None, None, None, 0.0, ">=", "points", missing=why, goal_text=goal)
+    last = (cycles[2].get("served") or {}).get("approval")
+    if last is None:
+        return Row(target, None, None, None, 0.0, ">=", "points", missing="no third measurement")
+    change, low, high = lift_interval(first, last, _answers(report))
+    statuses = ", ".join(str((c.get("run") or {}).get("status")) for c in cycles[:3])
+    detail = (
+        f"approval {first:.1%} after the first cycle -> {last:.1%} after the third ({statuses})"
+    )
     return Row(
-        "three cycles keep approval rising",
-        None,
-        None,
-        None,
-        0.0,
-        ">=",
-        "points",
-        missing="the demo runs one cycle",
-        goal_text="a lift in each of 3 cycles",
+        target, change, low, high, 0.0, ">=", "points", detail, goal_text=goal, noise_meets=True
     )
 
 
-def rows(report: dict[str, Any], samples_per_prompt: int) -> list[Row]:
-    return [lift_row(report, samples_per_prompt), accuracy_row(report), rising_row()]
-
-
-def samples_per_prompt() -> int:
-    from deploy.demo import SAMPLES_PER_PROMPT
-
-    return SAMPLES_PER_PROMPT
+def rows(report: dict[str, Any]) -> list[Row]:
+    return [lift_row(report), accuracy_row(report), rising_row(report)]
 
 
 def provenance(path: Path, report: dict[str, Any], root: Path = ROOT) -> tuple[str, str]:
@@ -186,21 +216,25 @@ def section(path: Path | None = None) -> tuple[list[Row], list[str], str]:
                 f"## {TITLE}",
                 "",
                 f"No demo report at {path}: the learning target (DESIGN.md's quality row) is "
-                "not measured. `make demo` runs one training cycle and writes it there; then "
+                "not measured. `make demo` runs three training cycles and writes it there; then "
                 "`.venv/bin/python -m bench.report`.",
             ],
             "",
         )
     report = json.loads(path.read_text())
-    found = rows(report, samples_per_prompt())
+    found = rows(report)
     sentence, status = provenance(path, report)
-    run = report.get("run") or {}
+    cycles = report.get("cycles") or []
+    runs = "; ".join(
+        f"{c.get('number')}: {(c.get('run') or {}).get('algorithm', '?')} run "
+        f"{(c.get('run') or {}).get('id', '-')} {(c.get('run') or {}).get('status', '-')}, "
+        f"{c.get('cycle_s', '?')} s"
+        for c in cycles
+    )
     lines = [
         f"## {TITLE}",
         "",
-        f"`make demo` ({path}): {run.get('algorithm', '?')} cycle, training run "
-        f"{run.get('id', '-')} {run.get('status', '-')}, candidate {run.get('candidate', '-')}; "
-        f"demo {report.get('demo_s', '?')} s, cycle {report.get('cycle_s', '?')} s.",
+        f"`make demo` ({path}): {len(cycles)} cycles ({runs}); demo {report.get('demo_s', '?')} s.",
         "",
         sentence,
         "",

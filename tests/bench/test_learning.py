@@ -9,23 +9,36 @@ from pathlib import Path
 import pytest
 
 from bench import learning, report
-from bench.learning import accuracy_row, lift_interval, lift_row, wilson_interval
+from bench.learning import accuracy_row, lift_interval, lift_row, rising_row, wilson_interval
 
-# One DPO cycle as deploy/demo.py reports it (the keys the row reads, with hand-chosen numbers).
+
+# Three DPO cycles as deploy/demo.py reports them (the keys the rows read, hand-chosen numbers).
+def _cycle(number: int, approval: float, status: str = "promoted") -> dict:
+    return {
+        "number": number,
+        "run": {
+            "id": f"run-{number}",
+            "algorithm": "dpo",
+            "status": status,
+            "candidate": f"v-{number}",
+            "heldout": {"accuracy": 0.95, "margin": 0.4, "pairs": 40},
+        },
+        "cycle_s": 290.0,
+        "served": {"version": f"v-{number}", "approval": approval},
+    }
+
+
 REPORT = {
     "heldout_prompts": 32,
-    "approval_before": 0.10,
-    "approval_after": 0.50,
-    "run": {
-        "id": "run-1",
-        "algorithm": "dpo",
-        "status": "promoted",
-        "candidate": "v-1",
-        "heldout": {"accuracy": 0.95, "margin": 0.4, "pairs": 40},
-    },
-    "cycle_s": 290.0,
-    "demo_s": 700.0,
+    "samples_per_prompt": 4,
+    "base": {"version": "base", "approval": 0.10},
+    "cycles": [_cycle(1, 0.50), _cycle(2, 0.55), _cycle(3, 0.60)],
+    "demo_s": 1700.0,
 }
+
+
+def _with(before: float, after: float) -> dict:
+    return {**REPORT, "base": {"approval": before}, "cycles": [_cycle(1, after)]}
 
 
 def test_lift_interval_is_two_binomial_standard_errors_wide():
@@ -52,16 +65,42 @@ def test_wilson_interval_by_hand():
     ],
 )
 def test_lift_verdict_rests_on_its_interval(before, after, verdict):
-    row = lift_row({**REPORT, "approval_before": before, "approval_after": after}, 4)
+    row = lift_row(_with(before, after))
     assert row.value == pytest.approx((after - before) * 100)
     assert row.verdict == verdict
     assert "of 128 judged answers each" in row.detail
 
 
 def test_no_new_version_is_no_measurement():
-    row = lift_row({**REPORT, "approval_after": None, "run": {"status": "rejected"}}, 4)
+    rejected = {**REPORT, "cycles": [_cycle(1, 0.10, status="rejected")]}
+    row = lift_row(rejected)
     assert row.value is None
     assert row.verdict == "not measured (no new version was served; training run rejected)"
+    assert rising_row(rejected).verdict == "not measured (the demo ran 1 cycle(s))"
+
+
+@pytest.mark.parametrize(
+    ("third", "verdict"),
+    [
+        (0.70, "met"),  # +20, the whole interval above 0
+        (0.45, "met (equal within noise)"),  # -5, 95% interval -17.2 to +7.2
+        (0.25, "missed"),  # -25: a fall beyond the noise
+    ],
+)
+def test_three_cycles_keep_approval_unless_it_falls_beyond_the_noise(third, verdict):
+    report = {**REPORT, "cycles": [_cycle(1, 0.50), _cycle(2, 0.55), _cycle(3, third)]}
+    row = rising_row(report)
+    assert row.value == pytest.approx((third - 0.50) * 100)
+    assert row.verdict == verdict
+    assert "(promoted, promoted, promoted)" in row.detail
+
+
+def test_a_rejected_cycle_leaves_the_approval_of_the_version_before_it():
+    # The demo measures nothing new after a rejection: the third cycle's "served" is the second's.
+    cycles = [_cycle(1, 0.50), _cycle(2, 0.40), _cycle(3, 0.40, status="rejected")]
+    row = rising_row({**REPORT, "cycles": cycles})
+    assert row.value == pytest.approx(-10.0)
+    assert "(promoted, promoted, rejected)" in row.detail
 
 
 def test_accuracy_row_reads_the_gate_or_the_reward_model():
@@ -69,25 +108,26 @@ def test_accuracy_row_reads_the_gate_or_the_reward_model():
     row = accuracy_row(REPORT)
     assert (row.target, row.value) == ("held-out preference accuracy of the candidate", 0.95)
     assert row.verdict == "not settled (its 95% interval straddles the goal)"
-    assert accuracy_row(
-        {**REPORT, "run": {"heldout": {"accuracy": 0.73, "pairs": 16}}}
-    ).verdict == ("missed")
+
+    def first(run: dict) -> dict:
+        return {**REPORT, "cycles": [{"run": run}]}
+
+    assert accuracy_row(first({"heldout": {"accuracy": 0.73, "pairs": 16}})).verdict == "missed"
     rlhf = {"algorithm": "rlhf", "reward_model": {"heldout_accuracy": 1.0, "heldout_pairs": 200}}
-    row = accuracy_row({**REPORT, "run": rlhf})
+    row = accuracy_row(first(rlhf))
     assert row.target == "reward model's held-out preference accuracy" and row.verdict == "met"
-    skipped = {"run": {"heldout": {"pairs": 0, "skipped": True}}}
-    assert accuracy_row(skipped).verdict == "not measured (no held-out pairs)"
+    skipped = {"heldout": {"pairs": 0, "skipped": True}}
+    assert accuracy_row(first(skipped)).verdict == "not measured (no held-out pairs)"
 
 
-def test_section_from_a_demo_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(learning, "samples_per_prompt", lambda: 4)
+def test_section_from_a_demo_report(tmp_path: Path):
     path = tmp_path / "report.json"
     path.write_text(json.dumps(REPORT))
     rows, lines, _ = learning.section(path)
     assert [r.target for r in rows] == [
         "held-out approval lift of one cycle",
         "held-out preference accuracy of the candidate",
-        "three cycles keep approval rising",
+        "three cycles keep approval",
     ]
     text = "\n".join(lines)
     assert text.startswith("## Learning (from make demo)")
@@ -96,8 +136,12 @@ def test_section_from_a_demo_report(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "not settled (its 95% interval straddles the goal) |" in text
     )
     assert "| 0.95 | 0.83-0.99 | >= 0.90 |" in text
-    assert "| three cycles keep approval rising | - | - | a lift in each of 3 cycles | " in text
-    assert "dpo cycle, training run run-1 promoted, candidate v-1" in text
+    # 50% -> 60%: se = sqrt(.5 * .5 / 128 + .6 * .4 / 128) = 0.06187, +10 +- 12.13.
+    assert (
+        "| three cycles keep approval | +10.0 points | -2.1 to +22.1 | after the 3rd >= after the "
+        "1st, within noise | met (equal within noise) |" in text
+    )
+    assert "3 cycles (1: dpo run run-1 promoted, 290.0 s; 2: dpo run run-2" in text
     assert "Written " in text
 
     page = report.render({}, learned=(rows, lines, "unknown"))

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench.loop import _ts, growing_seconds, nth_pair_time
+from bench.loop import _ts, nth_pair_time
 from service.store import Feedback, Generation, PreferenceSnapshot, Store
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -108,21 +108,3 @@ def test_naive_times_are_read_as_utc() -> None:
     # SQLite hands back naive datetimes of what the store wrote in UTC.
     assert _ts(datetime(2026, 1, 5, 9, 0)) == T0.timestamp()
     assert _ts(T0.astimezone(UTC)) == T0.timestamp()
-
-
-def test_the_growing_time_counts_the_sft_stage_the_candidate_started_from() -> None:
-    def version(vid: str, algorithm: str, parent: str | None, runtime: float, setup: float):
-        train = {"train_runtime": runtime, "trainer_setup_s": setup}
-        return SimpleNamespace(
-            id=vid, algorithm=algorithm, parent_id=parent, metrics={"train": train}
-        )
-
-    versions = {
-        "base": SimpleNamespace(id="base", algorithm=None, parent_id=None, metrics={}),
-        "sft": version("sft", "sft", "base", 30.0, 2.0),
-        "dpo": version("dpo", "dpo", "sft", 50.0, 9.0),
-        "alone": version("alone", "dpo", "base", 40.0, 5.0),
-    }
-    registry = SimpleNamespace(get=versions.__getitem__)
-    assert growing_seconds(registry, "dpo") == 30.0 + 2.0 + 50.0 + 9.0
-    assert growing_seconds(registry, "alone") == 40.0 + 5.0
