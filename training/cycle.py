@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
+from service.hardware import bf16_native
 from service.registry import BASE_VERSION, REWARD_KIND, Registry, new_version_id
 from service.runs import get_run, update_run
 from service.scoring import normalisation
@@ -221,6 +222,7 @@ def run_cycle(ctx: CycleContext, run_id: str) -> TrainingRun:
                 max_length=cfg.train.max_length,
                 canary=ctx.canary,
                 reward_check=_reward_check(ctx, pset, result.reward_model, algorithm, candidate),
+                bf16=cfg.train.bf16 if cfg.train.bf16 is not None else bf16_native(gpu=False),
             )
             registry.judge(
                 candidate.id,

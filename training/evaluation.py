@@ -149,11 +149,15 @@ def heldout_reward_stats(
     *,
     reference_model_path: Path | None = None,
     batch_size: int = 4,
+    bf16: bool = False,
 ) -> dict[str, float | int]:
     """Held-out preference accuracy and mean reward margin of a candidate against its reference.
 
-    The base weights are loaded once (float32: reward differences are small, and bf16 rounding of
-    summed log-probs would blur them). An adapter of None means the base itself: LoRA candidates
+    The base weights are loaded once, in float32 or with `bf16` in bfloat16 (the log-softmax and
+    the sums stay float32). On the demo's first candidate (22 held-out pairs, the 2-core box with
+    AVX512-BF16) bf16 took 19.1 s against 25.5-27.6 s, with the same accuracy (0.682) and a margin
+    of 6.15 against 6.25: the precision training itself runs in. An adapter of None means the base
+    itself: LoRA candidates
     pass the served adapter (or None for the base) as the reference. A full-weights candidate is
     `base_model_path` with `candidate_adapter=None`, its reference given as `reference_model_path`
     (full weights, loaded separately; then `reference_adapter` must be None).
@@ -180,7 +184,8 @@ def heldout_reward_stats(
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=dtype)
     model = _with_adapters(model, candidate=candidate_adapter, reference=reference_adapter)
     model.eval()
 
@@ -191,7 +196,7 @@ def heldout_reward_stats(
     if reference_model_path is not None:
         del model
         reference: Any = AutoModelForCausalLM.from_pretrained(
-            str(reference_model_path), dtype=torch.float32
+            str(reference_model_path), dtype=dtype
         ).eval()
         ref_chosen, ref_rejected = sequence_logps(
             reference, tokenizer, rows, max_length, batch_size

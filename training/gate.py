@@ -47,7 +47,10 @@ def run_gate(
     max_length: int,
     canary: Canary,
     reward_check: RewardCheck | None = None,
+    bf16: bool = False,
 ) -> GateResult:
+    """Judge `candidate` against `parent` (the served version); `bf16`: the held-out log-probs in
+    bfloat16 (where the CPU or GPU computes it natively, as training does)."""
     from training.evaluation import weights_are_finite
 
     result = GateResult(passed=True)
@@ -77,8 +80,9 @@ def run_gate(
         )  # fmt: skip
         if reward_check is None or not reward_check.decides:
             _heldout(
-                result, registry, candidate, parent, heldout_pairs, cfg, beta, max_length, fail
-            )
+                result, registry, candidate, parent, heldout_pairs, cfg, beta, max_length, bf16,
+                fail,
+            )  # fmt: skip
         if reward_check is not None:
             _reward_model(result, registry, candidate, parent, reward_check, cfg, fail)
         seconds["heldout"] = round(time.perf_counter() - started, 2)
@@ -154,6 +158,7 @@ def _heldout(
     cfg: GateConfig,
     beta: float,
     max_length: int,
+    bf16: bool,
     fail: Callable[[str], None],
 ) -> None:
     from training.evaluation import heldout_reward_stats
@@ -168,6 +173,7 @@ def _heldout(
                 heldout_pairs,
                 beta,
                 max_length,
+                bf16=bf16,
             )
         else:
             stats = heldout_reward_stats(
@@ -178,6 +184,7 @@ def _heldout(
                 beta,
                 max_length,
                 reference_model_path=registry.weights_path(parent),
+                bf16=bf16,
             )
         result.metrics["heldout"] = stats
         if stats["accuracy"] < cfg.min_accuracy:

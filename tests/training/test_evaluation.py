@@ -111,6 +111,20 @@ def test_heldout_stats_switch_adapters(
     assert (same["accuracy"], same["margin"]) == (0.0, 0.0)
 
 
+def test_heldout_stats_in_bf16_keep_the_float32_verdict(
+    tiny_model_dir: Path, parent_adapter_dir: Path, pair_rows: list[dict]
+) -> None:
+    def stats(bf16: bool) -> dict:
+        return heldout_reward_stats(
+            tiny_model_dir, parent_adapter_dir, None, pair_rows, beta=0.1, max_length=192, bf16=bf16
+        )
+
+    exact, rounded = stats(False), stats(True)
+    assert rounded["accuracy"] == exact["accuracy"]
+    assert rounded["margin"] == pytest.approx(exact["margin"], rel=0.1)
+    assert rounded["margin"] != exact["margin"]  # bf16 did run: its rounding shows
+
+
 def test_heldout_stats_full_weights_reference_and_no_rows(
     tiny_model_dir: Path, pair_rows: list[dict]
 ) -> None:
