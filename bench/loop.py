@@ -6,10 +6,10 @@ prefloop serves the embedded model with its scheduler at the shipped settings (a
 `scheduler.min_new_items`, 64 new pairs, DESIGN.md's target size; `--pairs` changes it, and only
 64 gives the target's row). Simulated users (deploy/simulation, as in the demo) chat and vote
 through the API until the scheduler queues a cycle; the cycle snapshots, trains on Ray Train (SFT
-on the endorsed answers, then DPO), merges, registers, gates (held-out rewards and a vLLM canary)
-and promotes; the replica swaps. The clock starts when the Nth training pair became available
-(the newest feedback behind each pair of the snapshot, Nth in time order) and stops when the
-replica answers `/v1/models` with the new version: measured, nothing projected.
+on the endorsed answers, then DPO, in one job), merges, registers, gates (held-out rewards and a
+vLLM canary) and promotes; the replica swaps. The clock starts when the Nth training pair became
+available (the newest feedback behind each pair of the snapshot, Nth in time order) and stops
+when the replica answers `/v1/models` with the new version: measured, nothing projected.
 
 With `--profile` the training job's worker is sampled with py-spy and the summary of where its
 time goes goes into the result.
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace, result: Result) -> None:
     total = served_at - t_n
     stages["bookkeeping"] = max(0.0, total - staged)
     summary = run.step_metrics[-1] if run.step_metrics else {}
-    train = ctx.registry.get(run.candidate_version_id).metrics.get("train", {})
+    candidate = ctx.registry.get(run.candidate_version_id)
+    train = candidate.metrics.get("train", {})
     result.table(
         f"{n} new pairs -> new version serving ({train.get('rows')} training rows, "
         f"{train.get('global_step')} steps, bf16 {train.get('bf16')})",
@@ -219,20 +220,17 @@ def run(args: argparse.Namespace, result: Result) -> None:
         result.target(f"{GOAL_PAIRS} new pairs -> new version serving", total, GOAL_S, "<=", "s")
     else:
         result.note(f"the target is for {GOAL_PAIRS} pairs: this run measured {n}, no target row")
-    candidate = ctx.registry.get(run.candidate_version_id)
-    parent = ctx.registry.get(candidate.parent_id) if candidate.parent_id else None
-    jobs = ([parent] if parent is not None and parent.algorithm == "sft" else []) + [candidate]
+    parts = ([("sft", train["sft"])] if "sft" in train else []) + [(candidate.algorithm, train)]
     result.note(
-        "training jobs: "
+        "training job: "
         + "; ".join(
-            f"{v.algorithm} on {m.get('rows')} rows: setup (tokenising, reference pass) "
-            f"{m.get('trainer_setup_s')} s, train_runtime {m.get('train_runtime')} s, "
-            f"{m.get('train_samples_per_second')} samples/s, {m.get('global_step')} steps"
-            for v in jobs
-            for m in [v.metrics.get("train", {})]
+            f"{name} on {m.get('rows')} rows: {m.get('global_step')} steps, train_runtime "
+            f"{m.get('train_runtime')} s ({m.get('train_samples_per_second')} samples/s)"
+            for name, m in parts
         )
-        + f"; last step loss {summary.get('loss')}; gate (canary beside the held-out rewards): "
-        f"{candidate.metrics.get('gate', {}).get('seconds')}"
+        + f"; the preference stage's setup (tokenising, reference pass) "
+        f"{train.get('trainer_setup_s')} s; last step loss {summary.get('loss')}; gate (canary "
+        f"beside the held-out rewards): {candidate.metrics.get('gate', {}).get('seconds')}"
     )
     if profile is not None:
         result.profile = profile.summary()

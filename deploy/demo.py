@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -376,7 +377,13 @@ def print_report(report: dict[str, Any]) -> None:
 
 def _algorithm_lines(run: dict[str, Any]) -> list[str]:
     if run.get("algorithm") != "rlhf":
-        return [f"held-out preference accuracy: {(run.get('heldout') or {}).get('accuracy')}"]
+        heldout = run.get("heldout") or {}
+        if heldout.get("accuracy") is None or not heldout.get("pairs"):
+            return ["held-out preference accuracy: not measured (no held-out pairs)"]
+        return [
+            f"held-out preference accuracy: {heldout['accuracy']:.2f} on {heldout['pairs']} pairs "
+            f"(mean reward margin {heldout.get('margin', 0.0):.2f})"
+        ]
     rm, gate = run.get("reward_model") or {}, run.get("reward_check") or {}
     last = (run.get("steps") or [{}])[-1]
     return [
@@ -450,7 +457,10 @@ def run(settings: Settings, started: float, cycles: int) -> int:
         report = asyncio.run(drive(settings, ctx, cycles))
     finally:
         scheduler.stop()
-        deployment.shutdown()
+        # Ray's driver prints its processes' complaints while Serve stops (the controller's
+        # graceful shutdown cut short) to standard output: they belong in the log.
+        with contextlib.redirect_stdout(sys.stderr):
+            deployment.shutdown()
     report["demo_s"] = round(time.monotonic() - started, 1)
     out = settings.data_dir
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

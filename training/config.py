@@ -156,7 +156,8 @@ class TrainConfig(BaseModel):
     # 248 / 267 s -> 352 / 323 s on two cores).
     sft_first: bool = Field(
         default=True,
-        description="dpo / kto: an SFT stage on endorsed answers (thumbs-up, corrections) first",
+        description="dpo / kto: an SFT stage on endorsed answers (thumbs-up, corrections) first, "
+        "in the same training job",
     )
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -168,9 +169,11 @@ class TrainConfig(BaseModel):
         default="sigmoid", description="DPO loss (TRL's loss_type)"
     )
     # The calibration on the embedded model: 2e-4 for 2 epochs learned from 15 clean pairs;
-    # 5e-4 for 3 epochs collapsed answer length (DESIGN.md).
+    # 5e-4 for 3 epochs collapsed answer length (DESIGN.md). After the SFT stage one epoch is
+    # enough: on the demo's first snapshot (66 training pairs, seed 0) held-out approval went
+    # 11.7% -> 53.1% with one epoch and -> 47.7% with two, the DPO job 138 s instead of 222 s.
     learning_rate: float = Field(default=2e-4, gt=0, le=1e-2)
-    epochs: float = Field(default=2.0, gt=0, le=20)
+    epochs: float = Field(default=1.0, gt=0, le=20)
     batch_size: int = Field(default=4, ge=1, description="pairs per device per step")
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     lora: bool = Field(default=True, description="train a LoRA adapter; false: full fine-tuning")

@@ -1,6 +1,6 @@
 """One cycle of the loop: snapshot -> train (Ray Train) -> merge -> register -> gate -> promote.
 
-Training is DPO or KTO (optionally after an SFT stage, `train.sft_first`), or with
+Training is DPO or KTO (after SFT in the same job with `train.sft_first`), or with
 `train.algorithm=rlhf` the InstructGPT recipe: SFT on endorsed answers -> a reward model on the
 pairs (reused until `train.reward.retrain_after` new pairs arrived) -> PPO against it. Each stage
 is its own Ray Train job; SFT results and reward models are registry versions of their own (an SFT
@@ -295,12 +295,15 @@ class _Cycle:
     def preference(
         self, parent: ModelVersion, pset: preference_sets.PreferenceSet, algorithm: str
     ) -> Stages:
-        """DPO or KTO on the served policy, after an SFT stage with `train.sft_first`."""
-        start = parent
-        if self.ctx.settings.train.sft_first and pset.sft_train:
-            start = self.policy("sft", parent, "sft_train", stage="sft")
+        """DPO or KTO on the served policy; with `train.sft_first` the same job first fine-tunes
+        on the endorsed answers (its summary is the candidate's `metrics.train.sft`)."""
+        sft = self.ctx.settings.train.sft_first and bool(pset.sft_train)
         file = "pairs_train" if algorithm == "dpo" else "kto_train"
-        return Stages(candidate=self.policy(algorithm, start, file, stage="train"))
+        return Stages(
+            candidate=self.policy(
+                algorithm, parent, file, stage="train", sft_file="sft_train" if sft else None
+            )
+        )
 
     def rlhf(self, parent: ModelVersion, pset: preference_sets.PreferenceSet) -> Stages:
         """SFT -> reward model -> PPO; the stages `train.sft` / `train.ppo` switch off are skipped
@@ -317,9 +320,16 @@ class _Cycle:
         return Stages(candidate=self.ppo(start, reward, pset), reward_model=reward)
 
     def policy(
-        self, algorithm: str, parent: ModelVersion, file: str, *, stage: str
+        self,
+        algorithm: str,
+        parent: ModelVersion,
+        file: str,
+        *,
+        stage: str,
+        sft_file: str | None = None,
     ) -> ModelVersion:
-        """A TRL job (dpo, kto or sft) on `parent`, merged and published as a candidate."""
+        """A TRL job (dpo, kto or sft; dpo and kto after SFT on the snapshot's `sft_file`) on
+        `parent`, merged and published as a candidate."""
         from training.trainer import TrainJob, run_training
 
         ctx, cfg = self.ctx, self.ctx.settings.train
@@ -338,6 +348,7 @@ class _Cycle:
                     output_dir=out / ("adapter" if cfg.lora else "weights"),
                     config=cfg,
                     database_url=ctx.database_url if stage == "train" else None,
+                    sft_file=self.snap_dir / f"{sft_file}.jsonl" if sft_file else None,
                 )
             )
             shutil.rmtree(out / "ray_results", ignore_errors=True)  # Ray's records, not a result

@@ -73,6 +73,7 @@ def test_the_report_follows_approval_through_the_cycles(report, capsys):
     assert "  refunds                  10 -> 45 -> 45 -> 50" in lines
     assert "  shipping                 5 -> 22 -> 22 -> 25" in lines
     assert "cycle 2: run run-2 rejected (held-out preference accuracy 0.40 < 0.6)" in lines
+    assert "  held-out preference accuracy: 0.70 on 20 pairs (mean reward margin 0.00)" in lines
     assert "{'sft': 103.0, 'train': 190.0, 'gate': 40.0}" in out
     assert lines[-1] == "requests failed in the whole demo: 1 (120 steady + the traffic's)"
 

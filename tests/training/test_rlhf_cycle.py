@@ -1,8 +1,8 @@
 """The RLHF path through one cycle on tiny random-weight models, without Ray: feedback sent
 through the API -> snapshot -> SFT -> reward model -> PPO -> gate -> promotion, and the next cycle
-reusing the reward model; and DPO's own SFT stage (`train.sft_first`). The training jobs run in
-this process (the same worker functions Ray Train runs); only the vLLM canary is a stand-in (it
-needs the real engine, covered in e2e)."""
+reusing the reward model; and the SFT stage inside DPO's job (`train.sft_first`). The training
+jobs run in this process (the same worker functions Ray Train runs); only the vLLM canary is a
+stand-in (it needs the real engine, covered in e2e)."""
 
 from __future__ import annotations
 
@@ -189,13 +189,28 @@ async def test_dpo_starts_from_an_sft_stage_on_the_corrections_unless_switched_o
     run = run_cycle(ctx, queue_run(registry.store, "manual", "ops").id)
 
     assert run.status == "promoted", run.error
-    assert in_process == ({"sft": 1, "dpo": 1} if sft_first else {"dpo": 1})
-    assert ("sft" in run.stages) is sft_first
+    # One Ray Train job either way: the SFT stage runs inside DPO's, before it.
+    assert in_process == {"dpo": 1}
+    assert not {"sft", "sft_register"} & set(run.stages)
     dpo = registry.get(run.candidate_version_id)
-    assert dpo.algorithm == "dpo" and dpo.weights_id == "base"
-    parent = registry.get(dpo.parent_id)
-    if sft_first:
-        # DPO trains the SFT version's adapter further, against it as the reference.
-        assert (parent.algorithm, parent.parent_id, parent.status) == ("sft", "base", "candidate")
-    else:
-        assert parent.id == "base"
+    assert (dpo.algorithm, dpo.parent_id, dpo.weights_id) == ("dpo", "base", "base")
+    assert [v.algorithm for v in registry.versions() if v.id != "base"] == ["dpo"]
+    train = dpo.metrics["train"]
+    # The run's stored steps, as `prefloop status` shows them while the job trains.
+    dpo_steps = [step for step in run.step_metrics if step.get("stage") != "sft"]
+    assert dpo_steps and all("rewards/chosen" in step for step in dpo_steps)
+    if not sft_first:
+        assert "sft" not in train
+        return
+    sft = train["sft"]
+    assert sft["rows"] >= 1 and sft["global_step"] == len(sft["step_metrics"]) >= 1
+    assert [s for s in run.step_metrics if s.get("stage") == "sft"] == sft["step_metrics"]
+    assert {s["stage"] for s in dpo_steps} == {"dpo"}
+    # SFT's own steps (token accuracy on the endorsed answers), kept apart from DPO's.
+    assert all("mean_token_accuracy" in step for step in sft["step_metrics"])
+    assert sft["step_metrics"][0]["loss"] != sft["step_metrics"][-1]["loss"]
+    # DPO's reference is where it starts, the SFT result: before its first update the policy is
+    # the reference, so the first step's implicit rewards are zero.
+    first = dpo_steps[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-4)

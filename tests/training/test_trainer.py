@@ -290,8 +290,15 @@ def test_job_validation_and_round_trip(tmp_path: Path) -> None:
         tmp_path / "o",
         TrainConfig(beta=0.2),
         database_url="sqlite:///x.db",
+        sft_file=tmp_path / "sft.jsonl",
     )
     assert TrainJob.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    # The SFT stage goes before a preference stage only.
+    with pytest.raises(ValueError, match="goes before dpo or kto, not reward"):
+        TrainJob(
+            "r", "reward", tmp_path, None, tmp_path / "t.jsonl", tmp_path / "o",
+            sft_file=tmp_path / "sft.jsonl",
+        )  # fmt: skip
 
 
 def test_bad_rows_are_refused_with_the_line(tmp_path: Path, tiny_model_dir: Path) -> None:
