@@ -307,10 +307,7 @@ def train_loop(job_dict: dict[str, Any]) -> dict[str, Any]:
             use_bf16,
             callback=sink.callback(),
         )
-        if ray_context is not None:
-            from ray.train.huggingface.transformers import prepare_trainer
-
-            trainer = prepare_trainer(trainer)
+        trainer = _on_ray(trainer, sink.ray)
         # Tokenising and, with precompute_ref_log_probs, the reference pass over every row.
         setup_s = round(time.perf_counter() - setup_started, 2)
         output = trainer.train()
@@ -393,10 +390,7 @@ def _sft_first(
         use_bf16,
         callback=sink.callback(),
     )
-    if sink.ray:
-        from ray.train.huggingface.transformers import prepare_trainer
-
-        trainer = prepare_trainer(trainer)
+    trainer = _on_ray(trainer, sink.ray)
     output = trainer.train()
     summary = {
         "rows": len(rows),
@@ -408,6 +402,15 @@ def _sft_first(
         "step_metrics": sink.take(),
     }
     return summary, trainer.model
+
+
+def _on_ray(trainer: Any, ray: bool) -> Any:
+    """The trainer as Ray Train runs it inside a worker (`ray`), else unchanged."""
+    if not ray:
+        return trainer
+    from ray.train.huggingface.transformers import prepare_trainer
+
+    return prepare_trainer(trainer)
 
 
 def fit_prompts(
@@ -532,7 +535,8 @@ def _load_model(job: TrainJob, use_bf16: bool) -> tuple[Any, Any, Any, Any]:
 
         model = PeftModel.from_pretrained(model, str(job.parent_adapter_path)).merge_and_unload()
     ref_model = None
-    if job.algorithm in ("dpo", "kto") and not cfg.precompute_ref_log_probs:
+    # With an SFT stage first the reference is its result, copied once SFT is done.
+    if job.algorithm in ("dpo", "kto") and not cfg.precompute_ref_log_probs and not job.sft_file:
         # Explicit, because TRL would otherwise reload the base from disk, which after a merge is
         # not the starting model.
         import copy
